@@ -1,0 +1,407 @@
+"""ImbSAM: class-imbalanced sharpness-aware minimization over any base optimizer.
+
+With per-sample losses ``l_i`` and per-class weights ``a`` (head) and ``b``
+(tail), ImbSAM minimizes::
+
+    L_head(w) + max_{||e|| <= rho} L_tail(w + e),
+    L_head = sum_i a[y_i] l_i / B,   L_tail = sum_i b[y_i] l_i / B
+
+One step (the public reference's 2 forwards and 3 backwards)::
+
+    g_h = grad L_head(w)                               first_step():  stash g_h
+    g_t = grad L_tail(w)                               second_step(): e = rho g_t / (||g_t|| + 1e-16), w <- w + e
+    g_t' = grad L_tail(w + e), accumulated onto g_h    third_step():  w <- w_saved, base step on g_h + g_t'
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .backends import resolve_param_backend
+from .priors import ClassWeights, as_class_weights, sample_weights
+
+__all__ = ["ImbSAM", "StepLosses"]
+
+EPS = 1e-16
+MODES = ("exact",)
+NONFINITE = ("skip", "raise", "none")
+
+_IDLE, _STASHED, _PERTURBED = "idle", "head gradient stashed", "weights perturbed"
+
+
+class StepLosses(NamedTuple):
+    """Losses seen by :meth:`ImbSAM.step`, detached, on the device they were computed on."""
+
+    head: Tensor
+    tail: Tensor
+    perturbed_tail: Tensor
+    per_sample: Tensor
+
+
+class ImbSAM(Optimizer):
+    """ImbSAM as a ``torch.optim.Optimizer`` wrapping a base optimizer.
+
+    Args:
+        params: parameters or param groups (a group may set its own ``rho``).
+            When ``base_optimizer`` is an instance, pass its parameters (or ``None``).
+        base_optimizer: an optimizer class (built on the same param groups with
+            ``base_kwargs``) or an already-built optimizer instance.
+        rho: radius of the perturbation (public default 0.05).
+        tail_mask: bool tensor, one entry per class (``True`` = tail), or a
+            :class:`~imbsam_fast.priors.ClassWeights` preset. Needed only by
+            :meth:`step` with a closure.
+        tail_weight: factor on the tail loss when ``tail_mask`` is a bool mask
+            (public code's latest revision: 2).
+        mode: ``"exact"`` reproduces the reference passes.
+        backend: ``"auto" | "torch" | "triton" | "ext"`` for the parameter ops.
+        nonfinite: what to do when the combined gradient or the tail gradient
+            holds NaN/inf: ``"skip"`` the base step (weights restored, counted in
+            ``skipped_steps``, a warning), ``"raise"`` ``FloatingPointError``, or
+            ``"none"`` to not check (saves one read of the gradients and one host
+            sync per step).
+        ignore_index: label whose samples get zero weight in :meth:`step`.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Union[type[Optimizer], Optimizer],
+        *,
+        rho: float = 0.05,
+        tail_mask: Optional[Union[Tensor, Sequence[bool], ClassWeights]] = None,
+        tail_weight: float = 2.0,
+        mode: str = "exact",
+        backend: str = "auto",
+        nonfinite: str = "skip",
+        ignore_index: int = -100,
+        **base_kwargs: Any,
+    ) -> None:
+        if not rho >= 0.0:
+            raise ValueError(f"rho must be >= 0, got {rho}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
+        if isinstance(base_optimizer, Optimizer):
+            if base_kwargs:
+                raise TypeError(
+                    f"base_kwargs {sorted(base_kwargs)} given with an already-built base optimizer; "
+                    "pass an optimizer class to build it here"
+                )
+            base = base_optimizer
+            if params is not None:
+                ours = {id(p) for p in _flatten_params(params)}
+                theirs = {id(p) for g in base.param_groups for p in g["params"]}
+                if ours != theirs:
+                    raise ValueError("params differ from the parameters of the given base optimizer instance")
+            super().__init__(base.param_groups, {"rho": rho})
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+            if isinstance(base_optimizer, type) and issubclass(base_optimizer, ImbSAM):
+                raise TypeError("base_optimizer cannot itself be ImbSAM")
+            super().__init__(params, {"rho": rho, **base_kwargs})
+            base = base_optimizer(self.param_groups, **base_kwargs)
+        else:
+            raise TypeError(
+                f"base_optimizer must be a torch.optim.Optimizer class or instance, got {type(base_optimizer).__name__}"
+            )
+        self.base_optimizer = base
+        self.param_groups = base.param_groups
+        self.defaults.update({k: v for k, v in base.defaults.items() if k not in self.defaults})
+        for group in self.param_groups:
+            group.setdefault("rho", rho)
+            if not group["rho"] >= 0.0:
+                raise ValueError(f"rho must be >= 0, got {group['rho']}")
+
+        self.class_weights: Optional[ClassWeights] = (
+            None if tail_mask is None else as_class_weights(tail_mask, tail_weight)
+        )
+        self.mode = mode
+        self.nonfinite = nonfinite
+        self.ignore_index = ignore_index
+        self._backend_name = backend
+        devices = {p.device.type for g in self.param_groups for p in g["params"]}
+        self._ops = resolve_param_backend(backend, devices)
+        self.steps = 0
+        self.skipped_steps = 0
+        self.last_step_skipped = False
+        self._phase = _IDLE
+        self._head_grads: dict[Tensor, Optional[Tensor]] = {}
+        self._backups: dict[Tensor, Tensor] = {}
+        self._perturbed: list[tuple[list[Tensor], list[Tensor]]] = []
+        self._tail_norm: Optional[Tensor] = None
+        self._weights_on: dict[torch.device, ClassWeights] = {}
+
+    @property
+    def backend(self) -> str:
+        """Name of the parameter-op backend in use (``"torch"``, ``"triton"``, ...)."""
+        return self._ops.name
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "base_optimizer" not in self.__dict__:
+            super().add_param_group(param_group)
+            return
+        self.base_optimizer.add_param_group(param_group)
+        group = self.base_optimizer.param_groups[-1]
+        group.setdefault("rho", self.defaults["rho"])
+
+    # ------------------------------------------------------------------ phases
+
+    def _require(self, phase: str, caller: str) -> None:
+        if self._phase != phase:
+            order = "first_step() -> second_step() -> third_step()"
+            raise RuntimeError(
+                f"ImbSAM.{caller}() called while the optimizer is in state '{self._phase}'; "
+                f"it expects '{phase}'. Call the steps in order: {order}."
+            )
+
+    def _params_with_grad(self) -> list[tuple[dict[str, Any], Tensor]]:
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(
+                        "ImbSAM does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
+                        "use dense gradients"
+                    )
+                out.append((group, p))
+        return out
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        """After the head backward: move each ``.grad`` aside (no copy) as ``g_h``."""
+        self._require(_IDLE, "first_step")
+        stash = {}
+        for _, p in self._params_with_grad():
+            stash[p] = p.grad
+            p.grad = None
+        self._head_grads = stash
+        self._phase = _STASHED
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        """After the tail backward: ``e = rho g_t / (||g_t||_2 + 1e-16)``, ``w <- w + e``.
+
+        The norm is one global L2 norm over all parameters. The head gradient is
+        put back as ``.grad`` so the perturbed backward accumulates onto it.
+        """
+        self._require(_STASHED, "second_step")
+        pairs = self._params_with_grad()
+        buckets: dict[tuple[torch.device, torch.dtype, float], list[Tensor]] = {}
+        for group, p in pairs:
+            buckets.setdefault((p.device, p.dtype, float(group["rho"])), []).append(p)
+
+        grads = {key: [p.grad for p in ps] for key, ps in buckets.items()}
+        norm = self._global_norm(list(grads.values()))
+        self._tail_norm = norm
+        scales: dict[tuple[torch.device, float], Tensor] = {}
+        perturbed = []
+        for (device, _, rho), ps in buckets.items():
+            if (device, rho) not in scales:
+                scales[(device, rho)] = (rho / (norm + EPS)).to(device, non_blocking=True)
+            backups = [self._backup_for(p) for p in ps]
+            self._ops.perturb_(ps, grads[(device, _, rho)], backups, scales[(device, rho)])
+            perturbed.append((ps, backups))
+        self._perturbed = perturbed
+
+        for _, p in pairs:
+            p.grad = None
+        for p, g in self._head_grads.items():
+            p.grad = g
+        self._head_grads = {}
+        self._phase = _PERTURBED
+
+    @torch.no_grad()
+    def third_step(self, zero_grad: bool = True) -> None:
+        """After the perturbed tail backward: restore ``w`` bit-exactly, base step on ``g_h + g_t'``."""
+        self._require(_PERTURBED, "third_step")
+        for ps, backups in self._perturbed:
+            self._ops.restore_(ps, backups)
+        self._perturbed = []
+        self._phase = _IDLE
+        self._opt_called = True
+        self.steps += 1
+        if self.nonfinite != "none" and not self._grads_finite():
+            self.skipped_steps += 1
+            self.last_step_skipped = True
+            self.zero_grad(set_to_none=True)
+            msg = (
+                f"ImbSAM step {self.steps}: non-finite gradient; the base step was skipped and the weights "
+                "left as they were"
+            )
+            if self.nonfinite == "raise":
+                raise FloatingPointError(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            return
+        self.last_step_skipped = False
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    def _global_norm(self, grad_buckets: list[list[Tensor]]) -> Tensor:
+        """``||g||_2 = ||(n_1, ..., n_J)||_2`` over the per-tensor norms of all buckets, on the first's device."""
+        device = grad_buckets[0][0].device if grad_buckets else torch.device("cpu")
+        parts = [self._ops.bucket_norms(gs).to(device, non_blocking=True) for gs in grad_buckets]
+        if not parts:
+            return torch.zeros((), device=device)
+        return torch.linalg.vector_norm(torch.cat(parts))
+
+    def _grads_finite(self) -> bool:
+        grads: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for _, p in self._params_with_grad():
+            grads.setdefault((p.device, p.dtype), []).append(p.grad)
+        total = self._global_norm(list(grads.values()))
+        tail = self._tail_norm if self._tail_norm is not None else total
+        self._tail_norm = None
+        # One host sync per step is the price of deciding whether to call the base
+        # optimizer (as torch.amp.GradScaler does); nonfinite="none" avoids it.
+        return bool(torch.isfinite(total + tail.to(total.device)))
+
+    def _backup_for(self, p: Tensor) -> Tensor:
+        b = self._backups.get(p)
+        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+            b = torch.empty_like(p, memory_format=torch.preserve_format)
+            self._backups[p] = b
+        return b
+
+    # -------------------------------------------------------------- one call
+
+    def step(  # type: ignore[override]
+        self,
+        closure: Optional[Callable[..., Tensor]] = None,
+        targets: Optional[Tensor] = None,
+    ) -> Optional[StepLosses]:
+        """One ImbSAM step, running every pass itself.
+
+        ``closure(index=None)`` must run the forward and return per-sample losses
+        for the whole batch (shape ``(B,)``). ``targets`` are the batch's labels.
+        Returns the losses seen, detached, with no host sync.
+
+        With no closure, this is the base optimizer's ``step()``, so ImbSAM can
+        stand in for a plain optimizer.
+        """
+        if closure is None:
+            if targets is not None:
+                raise TypeError("targets given without a closure")
+            self._require(_IDLE, "step")
+            self._opt_called = True
+            self.base_optimizer.step()
+            return None
+        if targets is None:
+            raise TypeError(
+                "ImbSAM.step(closure) needs targets=<batch labels>; call step() with no closure for a plain base step"
+            )
+        if self.class_weights is None:
+            raise ValueError("ImbSAM.step(closure, targets) needs tail_mask (or ClassWeights) at construction")
+        self._require(_IDLE, "step")
+        head_w, tail_w = self._sample_weights(targets)
+        batch = targets.shape[0]
+
+        losses = self._run_closure(closure, batch)
+        head = (head_w.to(losses.dtype) * losses).sum() / max(batch, 1)
+        tail = (tail_w.to(losses.dtype) * losses).sum() / max(batch, 1)
+        self.zero_grad(set_to_none=True)
+        head.backward(retain_graph=True)
+        self.first_step()
+        tail.backward()
+        self.second_step()
+        try:
+            losses2 = self._run_closure(closure, batch)
+            tail2 = (tail_w.to(losses2.dtype) * losses2).sum() / max(batch, 1)
+            tail2.backward()
+        except BaseException:
+            self._abort()
+            raise
+        self.third_step()
+        return StepLosses(head.detach(), tail.detach(), tail2.detach(), losses.detach())
+
+    def _sample_weights(self, targets: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.class_weights is not None
+        weights = self._weights_on.get(targets.device)
+        if weights is None:
+            weights = self.class_weights.to(targets.device)
+            self._weights_on[targets.device] = weights
+        return sample_weights(weights, targets, self.ignore_index)
+
+    @staticmethod
+    def _run_closure(closure: Callable[..., Tensor], batch: int, index: Optional[Tensor] = None) -> Tensor:
+        with torch.enable_grad():
+            losses = closure() if index is None else closure(index)
+        expected = batch if index is None else index.shape[0]
+        if not isinstance(losses, Tensor) or losses.shape != (expected,):
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(
+                f"the closure must return per-sample losses of shape ({expected},) "
+                f"(reduction='none'), got {shape}"
+            )
+        if not losses.requires_grad:
+            raise ValueError("the closure's losses do not require grad; run the forward inside the closure")
+        return losses
+
+    @torch.no_grad()
+    def _abort(self) -> None:
+        """Undo a step interrupted between the perturbation and the restore."""
+        for ps, backups in self._perturbed:
+            self._ops.restore_(ps, backups)
+        self._perturbed = []
+        self._head_grads = {}
+        self._phase = _IDLE
+        self.zero_grad(set_to_none=True)
+
+    # ----------------------------------------------------------- checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict with an ``"imbsam"`` entry for the wrapper's own state."""
+        if self._phase != _IDLE:
+            raise RuntimeError(f"cannot save ImbSAM in the middle of a step (state '{self._phase}')")
+        sd = self.base_optimizer.state_dict()
+        cw = self.class_weights
+        sd["imbsam"] = {
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "mode": self.mode,
+            "nonfinite": self.nonfinite,
+            "class_weights": None if cw is None else {"head": cw.head.clone(), "tail": cw.tail.clone()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._phase != _IDLE:
+            raise RuntimeError(f"cannot load into ImbSAM in the middle of a step (state '{self._phase}')")
+        sd = dict(state_dict)
+        own = sd.pop("imbsam", None)
+        self.base_optimizer.load_state_dict(sd)
+        self.param_groups = self.base_optimizer.param_groups
+        if own is not None:
+            self.steps = int(own["steps"])
+            self.skipped_steps = int(own["skipped_steps"])
+            cw = own.get("class_weights")
+            if cw is not None:
+                self.class_weights = ClassWeights(cw["head"].clone(), cw["tail"].clone())
+                self._weights_on = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"ImbSAM(mode={self.mode!r}, backend={self.backend!r}, nonfinite={self.nonfinite!r}, "
+            f"base={self.base_optimizer!r})"
+        )
+
+
+def _flatten_params(params: Any) -> list[Tensor]:
+    if isinstance(params, Tensor):
+        return [params]
+    out: list[Tensor] = []
+    for item in params:
+        if isinstance(item, dict):
+            ps = item["params"]
+            out.extend([ps] if isinstance(ps, Tensor) else list(ps))
+        else:
+            out.append(item)
+    return out

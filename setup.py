@@ -1,0 +1,51 @@
+"""Build for imbsam_fast.
+
+``kernels/`` is installed as ``imbsam_fast.kernels`` (never as a top-level
+``kernels`` package). The C++/CUDA extension in ``csrc/`` is optional and built
+only when ``IMBSAM_FAST_BUILD_EXT=1`` and its sources exist; the pure-torch
+and Triton backends need no compiler.
+"""
+
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+
+def _extensions():
+    if os.environ.get("IMBSAM_FAST_BUILD_EXT") != "1":
+        return [], {}
+    sources = sorted(str(p) for p in (HERE / "csrc").glob("*.cpp"))
+    if not sources:
+        raise RuntimeError("IMBSAM_FAST_BUILD_EXT=1 but csrc/ has no C++ sources to build")
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    cuda = sorted(str(p) for p in (HERE / "csrc").glob("*.cu"))
+    ext_cls = CUDAExtension if cuda else CppExtension
+    ext = ext_cls("imbsam_fast._C", sources + cuda, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="imbsam_fast",
+    version="0.1.0",
+    description="Fast, faithful ImbSAM (class-imbalanced sharpness-aware minimization) for PyTorch",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["imbsam_fast", "imbsam_fast.backends", "imbsam_fast.data", "imbsam_fast.kernels"],
+    package_dir={"imbsam_fast.kernels": "kernels"},
+    install_requires=["torch>=2.11", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "data": ["scikit-learn>=1.2"],
+        "test": ["triton>=3.2", "scikit-learn>=1.2", "pytest>=7", "pytest-benchmark>=4", "ruff>=0.5"],
+    },
+    entry_points={"console_scripts": ["imbsam-fast-demo=imbsam_fast.demo:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
