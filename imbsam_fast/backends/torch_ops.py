@@ -27,14 +27,20 @@ class TorchParamOps:
         return torch.stack(norms)
 
     def perturb_(self, params: list[Tensor], grads: list[Tensor], backups: list[Tensor], scale: Tensor) -> None:
-        """``backup <- w``; ``g <- s * g`` (g becomes e); ``w <- w + e``.
+        """``backup <- w``; ``w <- w + s * g``.
 
-        ``scale`` is a 0-dim fp32 tensor on the bucket's device. ``g`` is
-        overwritten: the optimizer no longer needs the tail gradient at w.
+        ``scale`` is a 0-dim tensor on the bucket's device. ``g`` may be
+        overwritten (with ``e = s * g``): the optimizer no longer needs the tail
+        gradient at w.
         """
         if not params:
             return
         torch._foreach_copy_(backups, params)
+        if scale.device.type == "cpu":
+            # Reading a CPU scalar is no device sync; it lets one fused pass (w + s * g)
+            # replace two (g * s, then w + e).
+            torch._foreach_add_(params, grads, alpha=float(scale))
+            return
         torch._foreach_mul_(grads, scale)
         torch._foreach_add_(params, grads)
 
