@@ -122,7 +122,8 @@ def main(argv=None) -> int:
         bench("ResNet-32", resnet32_shapes(), device, args.reps or 30),
         bench("transformer 6x768", transformer_shapes(), device, args.reps or 5, warmup=1),
     ]
-    print(f"# optimizer-side time per ImbSAM step, median ms ({device.type}; {platform.processor() or platform.machine()}, "
+    cpu = platform.processor() or platform.machine()
+    print(f"# optimizer-side time per ImbSAM step, median ms ({device.type}; {cpu}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__})")
     print(f"{'model':<20}{'tensors':>8}{'params':>12}{'reference':>11}{'ours':>9}{'ratio':>7}"
           f"{'ours+acc':>10}{'ratio':>7}{'+check':>9}{'ratio':>7}")
