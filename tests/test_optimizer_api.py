@@ -168,3 +168,32 @@ def test_save_and_resume_is_bit_identical(tmp_path, base):
     for p, q in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_scheduler_attached_to_base_optimizer_also_works():
+    model = mlp()
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=1.0, tail_mask=TAIL)
+    sched = torch.optim.lr_scheduler.StepLR(opt.base_optimizer, step_size=1, gamma=0.1)
+    x, y = vector_batches(1)[0]
+    opt.step(_closure(model, x, y), y)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_restore_is_bit_exact_where_subtraction_is_not():
+    """w + e - e differs from w in the last bits for many entries; ImbSAM's restore does not."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4096) * 1e3)
+    w0 = p.detach().clone()
+    opt = ImbSAM([p], torch.optim.SGD, lr=0.0, rho=7.3)
+    p.grad = torch.randn(4096)
+    opt.first_step()
+    g = torch.randn(4096) * 1e-3
+    p.grad = g.clone()
+    opt.second_step()
+    e = g * (7.3 / (g.norm() + 1e-16))
+    torch.testing.assert_close(p.detach(), w0 + e)
+    assert not torch.equal((w0 + e) - e, w0)  # the public code's subtraction would not come back exactly
+    p.grad.add_(torch.randn(4096))
+    opt.third_step()
+    assert torch.equal(p.detach(), w0)
