@@ -23,11 +23,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .backends import resolve_param_backend
+from .backends.buckets import Bucket
 from .priors import ClassWeights, as_class_weights, sample_weights
 
 __all__ = ["ImbSAM", "StepLosses"]
 
-EPS = 1e-16
 MODES = ("exact",)
 NONFINITE = ("skip", "raise", "none")
 
@@ -132,7 +132,7 @@ class ImbSAM(Optimizer):
         self._phase = _IDLE
         self._head_grads: dict[Tensor, Optional[Tensor]] = {}
         self._backups: dict[Tensor, Tensor] = {}
-        self._perturbed: list[tuple[list[Tensor], list[Tensor]]] = []
+        self._perturbed: list[Bucket] = []
         self._tail_norm: Optional[Tensor] = None
         self._weights_on: dict[torch.device, ClassWeights] = {}
 
@@ -194,22 +194,18 @@ class ImbSAM(Optimizer):
         """
         self._require(_STASHED, "second_step")
         pairs = self._params_with_grad()
-        buckets: dict[tuple[torch.device, torch.dtype, float], list[Tensor]] = {}
+        by_key: dict[tuple[torch.device, torch.dtype, float], Bucket] = {}
         for group, p in pairs:
-            buckets.setdefault((p.device, p.dtype, float(group["rho"])), []).append(p)
-
-        grads = {key: [p.grad for p in ps] for key, ps in buckets.items()}
-        norm = self._global_norm(list(grads.values()))
-        self._tail_norm = norm
-        scales: dict[tuple[torch.device, float], Tensor] = {}
-        perturbed = []
-        for (device, _, rho), ps in buckets.items():
-            if (device, rho) not in scales:
-                scales[(device, rho)] = (rho / (norm + EPS)).to(device, non_blocking=True)
-            backups = [self._backup_for(p) for p in ps]
-            self._ops.perturb_(ps, grads[(device, _, rho)], backups, scales[(device, rho)])
-            perturbed.append((ps, backups))
-        self._perturbed = perturbed
+            key = (p.device, p.dtype, float(group["rho"]))
+            b = by_key.get(key)
+            if b is None:
+                b = by_key[key] = Bucket([], [], [], key[2])
+            b.params.append(p)
+            b.grads.append(p.grad)
+            b.backups.append(self._backup_for(p))
+        buckets = list(by_key.values())
+        self._tail_norm = self._ops.perturb_(buckets)
+        self._perturbed = buckets
 
         for _, p in pairs:
             p.grad = None
@@ -222,8 +218,7 @@ class ImbSAM(Optimizer):
     def third_step(self, zero_grad: bool = True) -> None:
         """After the perturbed tail backward: restore ``w`` bit-exactly, base step on ``g_h + g_t'``."""
         self._require(_PERTURBED, "third_step")
-        for ps, backups in self._perturbed:
-            self._ops.restore_(ps, backups)
+        self._ops.restore_(self._perturbed)
         self._perturbed = []
         self._phase = _IDLE
         self._opt_called = True
@@ -245,19 +240,11 @@ class ImbSAM(Optimizer):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
-    def _global_norm(self, grad_buckets: list[list[Tensor]]) -> Tensor:
-        """``||g||_2 = ||(n_1, ..., n_J)||_2`` over the per-tensor norms of all buckets, on the first's device."""
-        device = grad_buckets[0][0].device if grad_buckets else torch.device("cpu")
-        parts = [self._ops.bucket_norms(gs).to(device, non_blocking=True) for gs in grad_buckets]
-        if not parts:
-            return torch.zeros((), device=device)
-        return torch.linalg.vector_norm(torch.cat(parts))
-
     def _grads_finite(self) -> bool:
         grads: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for _, p in self._params_with_grad():
             grads.setdefault((p.device, p.dtype), []).append(p.grad)
-        total = self._global_norm(list(grads.values()))
+        total = self._ops.grad_norm(list(grads.values()))
         tail = self._tail_norm if self._tail_norm is not None else total
         self._tail_norm = None
         # One host sync per step is the price of deciding whether to call the base
@@ -348,8 +335,7 @@ class ImbSAM(Optimizer):
     @torch.no_grad()
     def _abort(self) -> None:
         """Undo a step interrupted between the perturbation and the restore."""
-        for ps, backups in self._perturbed:
-            self._ops.restore_(ps, backups)
+        self._ops.restore_(self._perturbed)
         self._perturbed = []
         self._head_grads = {}
         self._phase = _IDLE

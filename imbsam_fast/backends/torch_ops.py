@@ -2,13 +2,15 @@
 
 These are the fallback on every machine and the oracle the fast backends are
 tested against. Each function issues a constant number of ``torch._foreach_*``
-calls per bucket and never synchronizes with the host.
+calls per bucket and never synchronizes with an accelerator.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .buckets import EPS, Bucket, combine_sq_norms
 
 __all__ = ["TorchParamOps"]
 
@@ -18,33 +20,46 @@ class TorchParamOps:
 
     name = "torch"
 
-    def bucket_norms(self, grads: list[Tensor]) -> Tensor:
-        """Per-tensor L2 norms ``n_j = ||g_j||_2`` as a 1-D tensor, accumulated in fp32 (fp64 for fp64)."""
+    def sq_norm(self, grads: list[Tensor]) -> Tensor:
+        """``s = sum_j ||g_j||_2^2`` as a 0-dim tensor, accumulated in fp32 (fp64 for fp64 tensors)."""
         if not grads:
-            return torch.zeros(0)
+            return torch.zeros(())
         acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
         norms = torch._foreach_norm(grads, 2, dtype=acc)
-        return torch.stack(norms)
+        return torch.stack(norms).square().sum()
 
-    def perturb_(self, params: list[Tensor], grads: list[Tensor], backups: list[Tensor], scale: Tensor) -> None:
-        """``backup <- w``; ``w <- w + s * g``.
+    def grad_norm(self, grad_lists: list[list[Tensor]]) -> Tensor:
+        """Global ``||g||_2`` over every tensor of every list."""
+        return combine_sq_norms([self.sq_norm(gs) for gs in grad_lists if gs])
 
-        ``scale`` is a 0-dim tensor on the bucket's device. ``g`` may be
-        overwritten (with ``e = s * g``): the optimizer no longer needs the tail
-        gradient at w.
+    def perturb_(self, buckets: list[Bucket]) -> Tensor:
+        """One global norm ``n = ||g||_2``, then per bucket ``backup <- w``, ``w <- w + rho / (n + 1e-16) * g``.
+
+        Returns ``n``. The gradients may be overwritten (with ``e``): the optimizer
+        no longer needs the tail gradient at w.
         """
-        if not params:
-            return
-        torch._foreach_copy_(backups, params)
-        if scale.device.type == "cpu":
-            # Reading a CPU scalar is no device sync; it lets one fused pass (w + s * g)
-            # replace two (g * s, then w + e).
-            torch._foreach_add_(params, grads, alpha=float(scale))
-            return
-        torch._foreach_mul_(grads, scale)
-        torch._foreach_add_(params, grads)
+        norm = self.grad_norm([b.grads for b in buckets])
+        scales: dict[tuple[torch.device, float], Tensor] = {}
+        for b in buckets:
+            key = (b.device, b.rho)
+            if key not in scales:
+                scales[key] = (b.rho / (norm + EPS)).to(b.device, non_blocking=True)
+            perturb_bucket_(b, scales[key])
+        return norm
 
-    def restore_(self, params: list[Tensor], backups: list[Tensor]) -> None:
+    def restore_(self, buckets: list[Bucket]) -> None:
         """Bit-exact restore: ``w <- backup``."""
-        if params:
-            torch._foreach_copy_(params, backups)
+        for b in buckets:
+            torch._foreach_copy_(b.params, b.backups)
+
+
+def perturb_bucket_(b: Bucket, scale: Tensor) -> None:
+    """``backup <- w``; ``w <- w + s * g`` for one bucket, ``s`` a 0-dim tensor on its device."""
+    torch._foreach_copy_(b.backups, b.params)
+    if scale.device.type == "cpu":
+        # Reading a CPU scalar is no device sync; it lets one fused pass (w + s * g)
+        # replace two (g * s, then w + e).
+        torch._foreach_add_(b.params, b.grads, alpha=float(scale))
+        return
+    torch._foreach_mul_(b.grads, scale)
+    torch._foreach_add_(b.params, b.grads)
