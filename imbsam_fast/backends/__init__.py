@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from .torch_ops import TorchParamOps
+from .triton_ops import TritonParamOps, triton_available
 
 __all__ = ["BACKENDS", "resolve_param_backend", "resolve_loss_backend", "TorchParamOps"]
 
@@ -30,17 +31,68 @@ def _unavailable(name: str) -> RuntimeError:
     )
 
 
-def resolve_param_backend(name: str, device_types: set[str]) -> TorchParamOps:
-    """Parameter-op backend for parameters living on ``device_types``."""
+def resolve_param_backend(name: str, device_types: set[str]):
+    """Parameter-op backend for parameters living on ``device_types``.
+
+    ``auto``: Triton when every parameter is on CUDA and Triton imports, else torch.
+    ``triton`` on CPU tensors works only under Triton's interpreter (``TRITON_INTERPRET=1``).
+    """
     _check_name(name)
-    if name in ("auto", "torch"):
+    if name == "torch":
         return TorchParamOps()
+    if name == "auto":
+        if device_types == {"cuda"} and triton_available():
+            return TritonParamOps()
+        return TorchParamOps()
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs Triton: pip install 'imbsam_fast[triton]'")
+        _check_triton_devices(device_types)
+        return TritonParamOps()
     raise _unavailable(name)
+
+
+def _check_triton_devices(device_types: set[str]) -> None:
+    from imbsam_fast.kernels.multi_tensor import interpreting
+
+    unsupported = device_types - {"cuda", "cpu"}
+    if unsupported:
+        raise RuntimeError(f"backend='triton' runs on CUDA tensors; got tensors on {sorted(unsupported)}")
+    if "cpu" in device_types and not interpreting():
+        raise RuntimeError(
+            "backend='triton' got CPU tensors: Triton kernels run on CUDA, or on the CPU only under "
+            "Triton's interpreter (set TRITON_INTERPRET=1 before importing imbsam_fast)"
+        )
 
 
 def resolve_loss_backend(name: str, logits: torch.Tensor) -> Optional[Callable]:
-    """Fused loss for ``logits``, or ``None`` for the plain-torch path."""
+    """Fused class-masked cross-entropy for ``logits``, or ``None`` for the plain-torch path.
+
+    ``auto`` takes the Triton kernel for fp32/fp16/bf16 CUDA logits when Triton imports.
+    """
     _check_name(name)
-    if name in ("auto", "torch"):
+    if name == "torch":
         return None
+    if name == "auto":
+        ok = logits.is_cuda and logits.dtype in _CE_DTYPES and triton_available()
+        return _triton_cross_entropy if ok else None
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs Triton: pip install 'imbsam_fast[triton]'")
+        _check_triton_devices({logits.device.type})
+        if logits.dtype not in _CE_DTYPES:
+            raise TypeError(f"the Triton cross-entropy takes fp32, fp16 or bf16 logits, got {logits.dtype}")
+        return _triton_cross_entropy
     raise _unavailable(name)
+
+
+_CE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_cross_entropy(logits, targets, weights, *, ignore_index, label_smoothing):
+    from imbsam_fast.kernels.cross_entropy import class_masked_cross_entropy
+
+    head, tail, _ = class_masked_cross_entropy(
+        logits, targets, weights.head, weights.tail, ignore_index=ignore_index, label_smoothing=label_smoothing
+    )
+    return head, tail

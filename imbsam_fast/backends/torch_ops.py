@@ -56,9 +56,10 @@ class TorchParamOps:
 def perturb_bucket_(b: Bucket, scale: Tensor) -> None:
     """``backup <- w``; ``w <- w + s * g`` for one bucket, ``s`` a 0-dim tensor on its device."""
     torch._foreach_copy_(b.backups, b.params)
-    if scale.device.type == "cpu":
+    if scale.device.type == "cpu" and b.dtype in (torch.float32, torch.float64):
         # Reading a CPU scalar is no device sync; it lets one fused pass (w + s * g)
-        # replace two (g * s, then w + e).
+        # replace two (g * s, then w + e). Half types keep the two passes: their
+        # alpha must fit the dtype, and s = rho / 1e-16 for a zero gradient does not.
         torch._foreach_add_(b.params, b.grads, alpha=float(scale))
         return
     torch._foreach_mul_(b.grads, scale)

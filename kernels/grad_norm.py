@@ -1,0 +1,90 @@
+"""Global L2 norm of many tensors: two stages, deterministic, no host sync.
+
+Stage 1 (one program per chunk ``c`` of tensor ``t``)::
+
+    partial[c] = sum_{i in chunk c} g_t[i]^2        (fp32 accumulation)
+
+Stage 2 (one program)::
+
+    s = sum_c partial[c]                             (fixed order)
+
+so ``||g||_2 = sqrt(s)``. Chunks and the reduction order depend only on the
+tensors' sizes, so the result is bit-identical from run to run. NaN and inf
+propagate as in ``torch.linalg.vector_norm``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_table, triton_dtype
+
+__all__ = ["sq_norm_partials", "sum_partials", "sq_norm"]
+
+
+@triton.jit
+def _sq_norm_partials_kernel(
+    ptrs, sizes, chunk_tensor, chunk_start, partials, DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr
+):
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_start + c)
+    end = tl.minimum(start + CHUNK, tl.load(sizes + t))
+    g = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(start, end, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        x = tl.load(g + offs, mask=offs < end, other=0.0).to(tl.float32)
+        acc += x * x
+    tl.store(partials + c, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _sum_kernel(x, n, out, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, n, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        acc += tl.load(x + offs, mask=offs < n, other=0.0)
+    tl.store(out, tl.sum(acc, axis=0))
+
+
+def sq_norm_partials(grads: list[Tensor], partials: Tensor, tables: PointerTables) -> None:
+    """Stage 1: write one partial sum of squares per chunk into ``partials`` (fp32, one slot per chunk)."""
+    device = grads[0].device
+    ct = chunk_table(tuple(g.numel() for g in grads), device)
+    if ct.num_chunks == 0:
+        return
+    ptrs = tables.get([grads], device)
+    _sq_norm_partials_kernel[(ct.num_chunks,)](
+        ptrs, ct.sizes, ct.chunk_tensor, ct.chunk_start, partials,
+        DTYPE=triton_dtype(grads[0].dtype), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=8,
+    )
+
+
+def num_chunks(tensors: list[Tensor]) -> int:
+    """Number of stage-1 partials ``tensors`` produce."""
+    return chunk_table(tuple(t.numel() for t in tensors), tensors[0].device).num_chunks
+
+
+def sum_partials(partials: Tensor, out: Tensor) -> Tensor:
+    """Stage 2: ``out = sum(partials)`` in a fixed order (``out`` a 0-dim fp32 tensor)."""
+    _sum_kernel[(1,)](partials, partials.numel(), out, BLOCK=1024, num_warps=4)
+    return out
+
+
+def sq_norm(grad_lists: list[list[Tensor]], tables: PointerTables) -> Tensor:
+    """``s = sum over all lists and tensors of ||g||_2^2``: stage 1 per list, one stage 2; all on one device."""
+    grad_lists = [gs for gs in grad_lists if gs]
+    device = grad_lists[0][0].device
+    counts = [num_chunks(gs) for gs in grad_lists]
+    partials = torch.empty(max(sum(counts), 1), dtype=torch.float32, device=device)
+    if sum(counts) == 0:
+        partials.zero_()
+    offset = 0
+    for gs, n in zip(grad_lists, counts):
+        sq_norm_partials(gs, partials[offset : offset + n], tables)
+        offset += n
+    return sum_partials(partials, torch.empty((), dtype=torch.float32, device=device))

@@ -1,0 +1,99 @@
+"""Host side of the multi-tensor kernels: pointer tables and chunk tables.
+
+A bucket of ``T`` same-dtype tensors on one device is cut into chunks of
+``CHUNK`` elements; one Triton program handles one chunk. The kernels find
+their tensor through two tables:
+
+* a pointer table, ``int64[L, T]``: the data pointers of ``L`` parallel lists
+  (for instance params, grads, backups);
+* a chunk table: ``sizes[T]`` (elements per tensor), and per chunk its tensor
+  index and first element.
+
+Chunk tables depend only on the tensors' sizes and are cached for good.
+Pointer tables are cached by the pointers themselves, so a table is rebuilt
+exactly when some storage moved (a new gradient tensor, ``model.to()``).
+Tables for a GPU travel through pinned memory with a non-blocking copy: no
+host synchronization.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from functools import lru_cache
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["CHUNK", "BLOCK", "ChunkTable", "chunk_table", "PointerTables", "interpreting", "triton_dtype"]
+
+CHUNK = 16384
+BLOCK = 2048
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_dtype(dtype: torch.dtype):
+    """The ``tl`` element type for a supported torch dtype, else ``None``."""
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype)
+
+
+def _to_device(values: list[int], device: torch.device) -> Tensor:
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class ChunkTable(NamedTuple):
+    """``sizes[T]``, ``chunk_tensor[C]`` and ``chunk_start[C]`` for ``C`` chunks of ``CHUNK`` elements."""
+
+    sizes: Tensor
+    chunk_tensor: Tensor
+    chunk_start: Tensor
+    num_chunks: int
+
+
+@lru_cache(maxsize=256)
+def chunk_table(numels: tuple[int, ...], device: torch.device, chunk: int = CHUNK) -> ChunkTable:
+    """Chunks of ``chunk`` elements over tensors of ``numels`` elements (empty tensors get none)."""
+    tensor_idx: list[int] = []
+    starts: list[int] = []
+    for t, n in enumerate(numels):
+        for s in range(0, n, chunk):
+            tensor_idx.append(t)
+            starts.append(s)
+    return ChunkTable(
+        _to_device(list(numels), device), _to_device(tensor_idx, device), _to_device(starts, device), len(starts)
+    )
+
+
+class PointerTables:
+    """A small cache of pointer tables keyed by the pointers they hold."""
+
+    def __init__(self, capacity: int = 16) -> None:
+        self._cache: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
+        self._capacity = capacity
+
+    def get(self, lists: list[list[Tensor]], device: torch.device) -> Tensor:
+        """``int64[L, T]`` table of data pointers of the ``L`` lists, on ``device``."""
+        ptrs = tuple(t.data_ptr() for ts in lists for t in ts)
+        key = (len(lists), device.index or 0, *ptrs)
+        table = self._cache.get(key)
+        if table is None:
+            table = _to_device(list(ptrs), device).view(len(lists), -1)
+            self._cache[key] = table
+            if len(self._cache) > self._capacity:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return table
+
+    def clear(self) -> None:
+        self._cache.clear()

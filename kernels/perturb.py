@@ -1,0 +1,57 @@
+"""Perturb in place with a backup, the scale computed on the device.
+
+For every element of every tensor of a bucket, with ``s`` the global sum of
+squares of the gradients (from :mod:`grad_norm`)::
+
+    scale     = rho / (sqrt(s) + eps)
+    backup[i] = w[i]                       (bit copy)
+    w[i]      = w[i] + scale * g[i]        (fp32 arithmetic, one rounding to w's dtype)
+
+One launch per bucket; nothing is read back to the host.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_table, triton_dtype
+
+__all__ = ["perturb_"]
+
+
+@triton.jit
+def _perturb_kernel(
+    ptrs, num_tensors, sizes, chunk_tensor, chunk_start, sq_norm, rho, eps,
+    DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_start + c)
+    end = tl.minimum(start + CHUNK, tl.load(sizes + t))
+    scale = rho / (tl.sqrt_rn(tl.load(sq_norm)) + eps)
+    w_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(ptrs + num_tensors + t).to(tl.pointer_type(DTYPE))
+    b_ptr = tl.load(ptrs + 2 * num_tensors + t).to(tl.pointer_type(DTYPE))
+    for s in range(start, end, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        mask = offs < end
+        w = tl.load(w_ptr + offs, mask=mask)
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        tl.store(b_ptr + offs, w, mask=mask)
+        tl.store(w_ptr + offs, (w.to(tl.float32) + scale * g).to(DTYPE), mask=mask)
+
+
+def perturb_(params: list[Tensor], grads: list[Tensor], backups: list[Tensor], sq_norm: Tensor, rho: float,
+             eps: float, tables: PointerTables) -> None:
+    """``backup <- w; w <- w + rho / (sqrt(sq_norm) + eps) * g`` over one bucket (contiguous, one dtype/device)."""
+    device = params[0].device
+    ct = chunk_table(tuple(p.numel() for p in params), device)
+    if ct.num_chunks == 0:
+        return
+    ptrs = tables.get([params, grads, backups], device)
+    _perturb_kernel[(ct.num_chunks,)](
+        ptrs, len(params), ct.sizes, ct.chunk_tensor, ct.chunk_start, sq_norm, float(rho), float(eps),
+        DTYPE=triton_dtype(params[0].dtype), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=8,
+    )

@@ -1,0 +1,49 @@
+"""Bit-exact restore of perturbed weights from their backup.
+
+For every element of every tensor of a bucket::
+
+    w[i] = backup[i]        (a bit copy: no ``w + e - e`` rounding)
+
+One launch per bucket. The pointer table of ``(params, backups)`` does not
+change between steps, so it is built once and reused.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_table, triton_dtype
+
+__all__ = ["restore_"]
+
+
+@triton.jit
+def _restore_kernel(
+    ptrs, num_tensors, sizes, chunk_tensor, chunk_start, DTYPE: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_start + c)
+    end = tl.minimum(start + CHUNK, tl.load(sizes + t))
+    w_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+    b_ptr = tl.load(ptrs + num_tensors + t).to(tl.pointer_type(DTYPE))
+    for s in range(start, end, BLOCK):
+        offs = s + tl.arange(0, BLOCK)
+        mask = offs < end
+        tl.store(w_ptr + offs, tl.load(b_ptr + offs, mask=mask), mask=mask)
+
+
+def restore_(params: list[Tensor], backups: list[Tensor], tables: PointerTables) -> None:
+    """``w <- backup`` over one bucket (contiguous tensors of one dtype on one device)."""
+    device = params[0].device
+    ct = chunk_table(tuple(p.numel() for p in params), device)
+    if ct.num_chunks == 0:
+        return
+    ptrs = tables.get([params, backups], device)
+    _restore_kernel[(ct.num_chunks,)](
+        ptrs, len(params), ct.sizes, ct.chunk_tensor, ct.chunk_start,
+        DTYPE=triton_dtype(params[0].dtype), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=8,
+    )
