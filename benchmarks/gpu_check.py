@@ -1,0 +1,220 @@
+"""One-call GPU check: the CUDA tests, then kernel benchmarks, a table printed last.
+
+    python benchmarks/gpu_check.py [--out DIR] [--skip-tests] [--quick]
+
+1. runs the test suite on the GPU (kernel tests run the real kernels there);
+2. times norm + perturb + restore for ResNet-32's shapes, ~10M and ~100M
+   parameters in ~100 tensors: the public per-parameter code, the torch
+   foreach backend and the Triton backend (CUDA events, median after warm-up),
+   with GB/s as a fraction of a device-to-device copy measured in the same run,
+   kernel launches per step and peak extra memory;
+3. times the class-masked CE (forward + head backward + tail backward) against
+   torch's two masked losses for C in {10, 100, 1000, 8142, 32000}, B in {64, 512}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+from shapes import even_shapes, numel, resnet32_shapes  # noqa: E402
+
+from imbsam_fast import head_tail_cross_entropy  # noqa: E402
+from imbsam_fast.backends.buckets import Bucket  # noqa: E402
+from imbsam_fast.backends.torch_ops import TorchParamOps  # noqa: E402
+from imbsam_fast.backends.triton_ops import TritonParamOps  # noqa: E402
+
+# bytes per fp32 parameter at the floor: norm reads g (4); perturb reads w, g, writes w, backup (16); restore (8)
+FLOOR_BYTES_PER_PARAM = 28
+
+
+def cuda_time(fn, reps: int, warmup: int = 5) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` runs, CUDA events, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def count_launches(fn) -> int:
+    """CUDA kernels and memcpys issued by one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, GB/s counting bytes read plus written."""
+    n = 256 * 1024 * 1024
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_time(lambda: dst.copy_(src), reps=20)
+    return 2 * n * 4 / ms / 1e6
+
+
+class ReferencePhases:
+    """The public code's second step (norm, eps, add) and its restore (``p.sub_(eps)``), per parameter."""
+
+    def __init__(self, params, grads, rho=0.05):
+        self.params, self.grads, self.rho, self.eps = params, grads, rho, {}
+
+    @torch.no_grad()
+    def __call__(self):
+        norms = [torch.norm(g, p=2) for g in self.grads]
+        grad_norm = torch.norm(torch.stack(norms), p=2) + 1e-16
+        for p, g in zip(self.params, self.grads):
+            eps = self.eps.get(p)
+            if eps is None:
+                eps = self.eps[p] = torch.clone(p).detach()
+            eps[...] = g[...]
+            eps.mul_(self.rho / grad_norm)
+            p.add_(eps)
+        for p in self.params:
+            p.sub_(self.eps[p])
+
+
+class BackendPhases:
+    def __init__(self, ops, params, grads, rho=0.05):
+        self.ops = ops
+        self.bucket = Bucket(params, grads, [torch.empty_like(p) for p in params], rho)
+
+    @torch.no_grad()
+    def __call__(self):
+        self.ops.perturb_([self.bucket])
+        self.ops.restore_([self.bucket])
+
+
+def bench_params(name, shapes, reps, copy_gbs):
+    rows = []
+    n = numel(shapes)
+    for impl in ("reference", "torch", "triton"):
+        torch.manual_seed(0)
+        params = [torch.randn(s, device="cuda") for s in shapes]
+        grads = [torch.randn(s, device="cuda") for s in shapes]
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        if impl == "reference":
+            fn = ReferencePhases(params, grads)
+        else:
+            fn = BackendPhases(TorchParamOps() if impl == "torch" else TritonParamOps(), params, grads)
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        ms = cuda_time(fn, reps)
+        launches = count_launches(fn)
+        gbs = FLOOR_BYTES_PER_PARAM * n / ms / 1e6
+        rows.append(dict(model=name, tensors=len(shapes), params=n, impl=impl, ms=ms, gbs=gbs,
+                         frac_copy=gbs / copy_gbs, launches=launches, extra_mib=peak / 2**20))
+        del params, grads, fn
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_ce(batch, classes, dtype, reps):
+    torch.manual_seed(0)
+    logits = torch.randn(batch, classes, device="cuda", dtype=dtype)
+    y = torch.randint(0, classes, (batch,), device="cuda")
+    mask = torch.rand(classes, device="cuda") < 0.3
+    is_tail = mask[y]
+
+    def ours():
+        x = logits.detach().requires_grad_()
+        head, tail = head_tail_cross_entropy(x, y, mask, tail_weight=2.0, backend="triton")
+        head.backward(retain_graph=True)
+        tail.backward()
+
+    def torch_masked():
+        x = logits.detach().requires_grad_()
+        losses = F.cross_entropy(x.float() if dtype != torch.float32 else x, y, reduction="none")
+        head = losses[~is_tail].sum() / batch
+        tail = losses[is_tail].sum() / batch * 2.0
+        head.backward(retain_graph=True)
+        tail.backward()
+
+    t_ours = cuda_time(ours, reps)
+    t_torch = cuda_time(torch_masked, reps)
+    return dict(batch=batch, classes=classes, dtype=str(dtype).replace("torch.", ""), ours_ms=t_ours,
+                torch_ms=t_torch, speedup=t_torch / t_ours)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; nothing to do", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    tests_rc = None
+    if not args.skip_tests:
+        tests_rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                                    os.path.join(HERE, "..", "tests")])
+    import triton
+
+    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=datetime.date.today().isoformat(), tests_rc=tests_rc)
+    copy_gbs = copy_bandwidth()
+    info["copy_gbs"] = copy_gbs
+    reps = 10 if args.quick else 30
+    param_rows = []
+    for name, shapes, r in (
+        ("ResNet-32", resnet32_shapes(), reps * 3),
+        ("10M/100", even_shapes(10_000_000, 100), reps),
+        ("100M/100", even_shapes(100_000_000, 100), max(reps // 3, 5)),
+    ):
+        param_rows += bench_params(name, shapes, r, copy_gbs)
+    ce_rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for batch in (64, 512):
+            for classes in (10, 100, 1000, 8142, 32000):
+                ce_rows.append(bench_ce(batch, classes, dtype, reps))
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(dict(info=info, params=param_rows, ce=ce_rows), f, indent=1)
+
+    print(f"\n# {info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}; "
+          f"tests rc={tests_rc}; D2D copy {copy_gbs:.0f} GB/s")
+    print("\n## norm + perturb + restore (fp32), median ms; GB/s at the 28 B/param floor")
+    print(f"{'model':<11}{'impl':<11}{'ms':>9}{'GB/s':>8}{'of copy':>9}{'launches':>10}{'extra MiB':>11}"
+          f"{'vs ref':>8}")
+    for r in param_rows:
+        ref = next(x for x in param_rows if x["model"] == r["model"] and x["impl"] == "reference")
+        print(f"{r['model']:<11}{r['impl']:<11}{r['ms']:>9.3f}{r['gbs']:>8.0f}{r['frac_copy']:>8.0%}"
+              f"{r['launches']:>10}{r['extra_mib']:>11.1f}{ref['ms'] / r['ms']:>7.1f}x")
+    print("\n## class-masked CE: forward + head backward + tail backward, median ms")
+    print(f"{'dtype':<9}{'B':>5}{'C':>7}{'ours':>9}{'torch':>9}{'speedup':>9}")
+    for r in ce_rows:
+        print(f"{r['dtype']:<9}{r['batch']:>5}{r['classes']:>7}{r['ours_ms']:>9.3f}{r['torch_ms']:>9.3f}"
+              f"{r['speedup']:>8.2f}x")
+    return 0 if tests_rc in (0, None) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
