@@ -20,25 +20,29 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_table, triton_dtype
+from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_table, triton_dtype
 
 __all__ = ["sq_norm_partials", "sum_partials", "sq_norm"]
 
 
 @triton.jit
 def _sq_norm_partials_kernel(
-    ptrs, sizes, chunk_tensor, chunk_start, partials, DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr
+    ptrs, num_tensors, sizes, chunk_tensor, chunk_start, partials,
+    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     c = tl.program_id(0)
     t = tl.load(chunk_tensor + c)
     start = tl.load(chunk_start + c)
-    end = tl.minimum(start + CHUNK, tl.load(sizes + t))
-    g = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+    n = tl.minimum(tl.load(sizes + t) - start, CHUNK)
+    g = chunk_base(ptrs, 0, num_tensors, t, start, DTYPE, ALIGNED)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(start, end, BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        x = tl.load(g + offs, mask=offs < end, other=0.0).to(tl.float32)
+    full = n // BLOCK * BLOCK
+    for k in range(0, full, BLOCK):
+        x = tl.load(g + k + tl.arange(0, BLOCK)).to(tl.float32)
         acc += x * x
+    offs = full + tl.arange(0, BLOCK)
+    x = tl.load(g + offs, mask=offs < n, other=0.0).to(tl.float32)
+    acc += x * x
     tl.store(partials + c, tl.sum(acc, axis=0))
 
 
@@ -57,10 +61,10 @@ def sq_norm_partials(grads: list[Tensor], partials: Tensor, tables: PointerTable
     ct = chunk_table(tuple(g.numel() for g in grads), device)
     if ct.num_chunks == 0:
         return
-    ptrs = tables.get([grads], device)
+    ptrs, aligned = tables.get([grads], device)
     _sq_norm_partials_kernel[(ct.num_chunks,)](
-        ptrs, ct.sizes, ct.chunk_tensor, ct.chunk_start, partials,
-        DTYPE=triton_dtype(grads[0].dtype), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=8,
+        ptrs, len(grads), ct.sizes, ct.chunk_tensor, ct.chunk_start, partials,
+        DTYPE=triton_dtype(grads[0].dtype), ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=8,
     )
 
 

@@ -14,6 +14,11 @@ Pointer tables are cached by the pointers themselves, so a table is rebuilt
 exactly when some storage moved (a new gradient tensor, ``model.to()``).
 Tables for a GPU travel through pinned memory with a non-blocking copy: no
 host synchronization.
+
+Inside a kernel, each program walks its chunk in full ``BLOCK``s without a
+mask, then one masked tail block. With every pointer 16-byte aligned (checked
+on the host, passed as ``ALIGNED``) and chunk starts at multiples of
+``CHUNK``, the compiler can then use 16-byte vector loads and stores.
 """
 
 from __future__ import annotations
@@ -24,12 +29,25 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
-__all__ = ["CHUNK", "BLOCK", "ChunkTable", "chunk_table", "PointerTables", "interpreting", "triton_dtype"]
+__all__ = [
+    "CHUNK", "BLOCK", "ChunkTable", "chunk_table", "PointerTables", "interpreting", "triton_dtype", "chunk_base",
+]
 
 CHUNK = 16384
 BLOCK = 2048
+
+
+@triton.jit
+def chunk_base(ptrs, row, num_tensors, t, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer to element ``start`` of tensor ``t`` of list ``row`` in the pointer table."""
+    addr = tl.load(ptrs + row * num_tensors + t) + start * (DTYPE.primitive_bitwidth // 8)
+    if ALIGNED:
+        addr = tl.multiple_of(addr, 16)
+    return addr.to(tl.pointer_type(DTYPE))
 
 
 def interpreting() -> bool:
@@ -78,22 +96,24 @@ class PointerTables:
     """A small cache of pointer tables keyed by the pointers they hold."""
 
     def __init__(self, capacity: int = 16) -> None:
-        self._cache: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, ...], tuple[Tensor, bool]] = OrderedDict()
         self._capacity = capacity
 
-    def get(self, lists: list[list[Tensor]], device: torch.device) -> Tensor:
-        """``int64[L, T]`` table of data pointers of the ``L`` lists, on ``device``."""
+    def get(self, lists: list[list[Tensor]], device: torch.device) -> tuple[Tensor, bool]:
+        """``int64[L, T]`` table of data pointers of the ``L`` lists, on ``device``, and whether every
+        pointer is 16-byte aligned (which lets the kernels use vector loads)."""
         ptrs = tuple(t.data_ptr() for ts in lists for t in ts)
         key = (len(lists), device.index or 0, *ptrs)
-        table = self._cache.get(key)
-        if table is None:
+        entry = self._cache.get(key)
+        if entry is None:
             table = _to_device(list(ptrs), device).view(len(lists), -1)
-            self._cache[key] = table
+            entry = (table, all(p % 16 == 0 for p in ptrs))
+            self._cache[key] = entry
             if len(self._cache) > self._capacity:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(key)
-        return table
+        return entry
 
     def clear(self) -> None:
         self._cache.clear()

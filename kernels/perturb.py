@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_table, triton_dtype
+from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_table, triton_dtype
 
 __all__ = ["perturb_"]
 
@@ -24,23 +24,29 @@ __all__ = ["perturb_"]
 @triton.jit
 def _perturb_kernel(
     ptrs, num_tensors, sizes, chunk_tensor, chunk_start, sq_norm, rho, eps,
-    DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     c = tl.program_id(0)
     t = tl.load(chunk_tensor + c)
     start = tl.load(chunk_start + c)
-    end = tl.minimum(start + CHUNK, tl.load(sizes + t))
+    n = tl.minimum(tl.load(sizes + t) - start, CHUNK)
     scale = rho / (tl.sqrt_rn(tl.load(sq_norm)) + eps)
-    w_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(ptrs + num_tensors + t).to(tl.pointer_type(DTYPE))
-    b_ptr = tl.load(ptrs + 2 * num_tensors + t).to(tl.pointer_type(DTYPE))
-    for s in range(start, end, BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        mask = offs < end
-        w = tl.load(w_ptr + offs, mask=mask)
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        tl.store(b_ptr + offs, w, mask=mask)
-        tl.store(w_ptr + offs, (w.to(tl.float32) + scale * g).to(DTYPE), mask=mask)
+    w_ptr = chunk_base(ptrs, 0, num_tensors, t, start, DTYPE, ALIGNED)
+    g_ptr = chunk_base(ptrs, 1, num_tensors, t, start, DTYPE, ALIGNED)
+    b_ptr = chunk_base(ptrs, 2, num_tensors, t, start, DTYPE, ALIGNED)
+    full = n // BLOCK * BLOCK
+    for k in range(0, full, BLOCK):
+        offs = k + tl.arange(0, BLOCK)
+        w = tl.load(w_ptr + offs)
+        g = tl.load(g_ptr + offs).to(tl.float32)
+        tl.store(b_ptr + offs, w)
+        tl.store(w_ptr + offs, (w.to(tl.float32) + scale * g).to(DTYPE))
+    offs = full + tl.arange(0, BLOCK)
+    mask = offs < n
+    w = tl.load(w_ptr + offs, mask=mask)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(b_ptr + offs, w, mask=mask)
+    tl.store(w_ptr + offs, (w.to(tl.float32) + scale * g).to(DTYPE), mask=mask)
 
 
 def perturb_(params: list[Tensor], grads: list[Tensor], backups: list[Tensor], sq_norm: Tensor, rho: float,
@@ -50,8 +56,8 @@ def perturb_(params: list[Tensor], grads: list[Tensor], backups: list[Tensor], s
     ct = chunk_table(tuple(p.numel() for p in params), device)
     if ct.num_chunks == 0:
         return
-    ptrs = tables.get([params, grads, backups], device)
+    ptrs, aligned = tables.get([params, grads, backups], device)
     _perturb_kernel[(ct.num_chunks,)](
         ptrs, len(params), ct.sizes, ct.chunk_tensor, ct.chunk_start, sq_norm, float(rho), float(eps),
-        DTYPE=triton_dtype(params[0].dtype), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=8,
+        DTYPE=triton_dtype(params[0].dtype), ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=8,
     )

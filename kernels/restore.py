@@ -14,26 +14,29 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_table, triton_dtype
+from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_table, triton_dtype
 
 __all__ = ["restore_"]
 
 
 @triton.jit
 def _restore_kernel(
-    ptrs, num_tensors, sizes, chunk_tensor, chunk_start, DTYPE: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ptrs, num_tensors, sizes, chunk_tensor, chunk_start,
+    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     c = tl.program_id(0)
     t = tl.load(chunk_tensor + c)
     start = tl.load(chunk_start + c)
-    end = tl.minimum(start + CHUNK, tl.load(sizes + t))
-    w_ptr = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
-    b_ptr = tl.load(ptrs + num_tensors + t).to(tl.pointer_type(DTYPE))
-    for s in range(start, end, BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        mask = offs < end
-        tl.store(w_ptr + offs, tl.load(b_ptr + offs, mask=mask), mask=mask)
+    n = tl.minimum(tl.load(sizes + t) - start, CHUNK)
+    w_ptr = chunk_base(ptrs, 0, num_tensors, t, start, DTYPE, ALIGNED)
+    b_ptr = chunk_base(ptrs, 1, num_tensors, t, start, DTYPE, ALIGNED)
+    full = n // BLOCK * BLOCK
+    for k in range(0, full, BLOCK):
+        offs = k + tl.arange(0, BLOCK)
+        tl.store(w_ptr + offs, tl.load(b_ptr + offs))
+    offs = full + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(w_ptr + offs, tl.load(b_ptr + offs, mask=mask), mask=mask)
 
 
 def restore_(params: list[Tensor], backups: list[Tensor], tables: PointerTables) -> None:
@@ -42,8 +45,8 @@ def restore_(params: list[Tensor], backups: list[Tensor], tables: PointerTables)
     ct = chunk_table(tuple(p.numel() for p in params), device)
     if ct.num_chunks == 0:
         return
-    ptrs = tables.get([params, backups], device)
+    ptrs, aligned = tables.get([params, backups], device)
     _restore_kernel[(ct.num_chunks,)](
         ptrs, len(params), ct.sizes, ct.chunk_tensor, ct.chunk_start,
-        DTYPE=triton_dtype(params[0].dtype), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=8,
+        DTYPE=triton_dtype(params[0].dtype), ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=8,
     )

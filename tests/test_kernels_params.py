@@ -139,3 +139,18 @@ def test_pointer_tables_are_cached_and_rebuilt_when_storage_moves():
     ops.restore_([Bucket(moved, grads, backups, 0.1)])
     assert len(ops._tables._cache) == cached + 1
     assert all(torch.equal(m, b) for m, b in zip(moved, backups))
+
+
+def test_misaligned_views_take_the_unaligned_path_correctly():
+    gen = torch.Generator().manual_seed(6)
+    params = [torch.randn(5000, generator=gen).to(DEVICE)[1:], torch.randn(300, generator=gen).to(DEVICE)[3:]]
+    grads = [torch.randn(5001, generator=gen).to(DEVICE)[2:], torch.randn(297, generator=gen).to(DEVICE)]
+    assert params[0].data_ptr() % 16 != 0
+    twin = [p.clone() for p in params]
+    backups = [torch.empty_like(p) for p in params]
+    ops = TritonParamOps()
+    ops.perturb_([Bucket(params, [g.clone() for g in grads], backups, 0.5)])
+    TorchParamOps().perturb_([Bucket(twin, [g.clone() for g in grads], [torch.empty_like(p) for p in twin], 0.5)])
+    torch.testing.assert_close(params, twin)
+    ops.restore_([Bucket(params, grads, backups, 0.5)])
+    assert all(torch.equal(p, b) for p, b in zip(params, backups))
