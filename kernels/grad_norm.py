@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_table, triton_dtype
+from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_table, numels, triton_dtype
 
 __all__ = ["sq_norm_partials", "sum_partials", "sq_norm"]
 
@@ -58,7 +58,7 @@ def _sum_kernel(x, n, out, BLOCK: tl.constexpr):
 def sq_norm_partials(grads: list[Tensor], partials: Tensor, tables: PointerTables) -> None:
     """Stage 1: write one partial sum of squares per chunk into ``partials`` (fp32, one slot per chunk)."""
     device = grads[0].device
-    ct = chunk_table(tuple(g.numel() for g in grads), device)
+    ct = chunk_table(numels(grads), device)
     if ct.num_chunks == 0:
         return
     ptrs, aligned = tables.get([grads], device)
@@ -70,7 +70,7 @@ def sq_norm_partials(grads: list[Tensor], partials: Tensor, tables: PointerTable
 
 def num_chunks(tensors: list[Tensor]) -> int:
     """Number of stage-1 partials ``tensors`` produce."""
-    return chunk_table(tuple(t.numel() for t in tensors), tensors[0].device).num_chunks
+    return chunk_table(numels(tensors), tensors[0].device).num_chunks
 
 
 def sum_partials(partials: Tensor, out: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from functools import lru_cache
+from itertools import chain
 from typing import NamedTuple
 
 import torch
@@ -36,6 +37,9 @@ from torch import Tensor
 __all__ = [
     "CHUNK", "BLOCK", "ChunkTable", "chunk_table", "PointerTables", "interpreting", "triton_dtype", "chunk_base",
 ]
+
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
 
 CHUNK = 16384
 BLOCK = 2048
@@ -60,6 +64,11 @@ def triton_dtype(dtype: torch.dtype):
     import triton.language as tl
 
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype)
+
+
+def numels(tensors: list[Tensor]) -> tuple[int, ...]:
+    """Element counts, the key of :func:`chunk_table`."""
+    return tuple(map(_numel, tensors))
 
 
 def _to_device(values: list[int], device: torch.device) -> Tensor:
@@ -102,7 +111,7 @@ class PointerTables:
     def get(self, lists: list[list[Tensor]], device: torch.device) -> tuple[Tensor, bool]:
         """``int64[L, T]`` table of data pointers of the ``L`` lists, on ``device``, and whether every
         pointer is 16-byte aligned (which lets the kernels use vector loads)."""
-        ptrs = tuple(t.data_ptr() for ts in lists for t in ts)
+        ptrs = tuple(chain.from_iterable(map(_data_ptr, ts) for ts in lists))
         key = (len(lists), device.index or 0, *ptrs)
         entry = self._cache.get(key)
         if entry is None:

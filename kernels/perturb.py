@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_table, triton_dtype
+from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_table, numels, triton_dtype
 
 __all__ = ["perturb_"]
 
@@ -53,7 +53,7 @@ def perturb_(params: list[Tensor], grads: list[Tensor], backups: list[Tensor], s
              eps: float, tables: PointerTables) -> None:
     """``backup <- w; w <- w + rho / (sqrt(sq_norm) + eps) * g`` over one bucket (contiguous, one dtype/device)."""
     device = params[0].device
-    ct = chunk_table(tuple(p.numel() for p in params), device)
+    ct = chunk_table(numels(params), device)
     if ct.num_chunks == 0:
         return
     ptrs, aligned = tables.get([params, grads, backups], device)

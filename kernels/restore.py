@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_table, triton_dtype
+from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_table, numels, triton_dtype
 
 __all__ = ["restore_"]
 
@@ -42,7 +42,7 @@ def _restore_kernel(
 def restore_(params: list[Tensor], backups: list[Tensor], tables: PointerTables) -> None:
     """``w <- backup`` over one bucket (contiguous tensors of one dtype on one device)."""
     device = params[0].device
-    ct = chunk_table(tuple(p.numel() for p in params), device)
+    ct = chunk_table(numels(params), device)
     if ct.num_chunks == 0:
         return
     ptrs, aligned = tables.get([params, backups], device)

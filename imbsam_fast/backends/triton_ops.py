@@ -17,6 +17,8 @@ from .torch_ops import TorchParamOps, perturb_bucket_
 
 __all__ = ["TritonParamOps", "triton_available"]
 
+_is_contiguous = torch.Tensor.is_contiguous
+
 
 def triton_available() -> bool:
     """True when Triton imports."""
@@ -41,15 +43,25 @@ class TritonParamOps:
         self._torch = TorchParamOps()
 
     def covers(self, *lists: list[Tensor]) -> bool:
-        """Whether the kernels handle these parallel lists (else the torch ops do)."""
+        """Whether the kernels handle these parallel lists (else the torch ops do).
+
+        Within a list, tensors share device and dtype: the optimizer buckets
+        parameters that way, autograd gives each gradient its parameter's
+        device and dtype, and backups are made with ``empty_like``. So only the
+        first tensor of each list is inspected for those, and every tensor for
+        contiguity.
+        """
         first = lists[0][0]
         if self._mt.triton_dtype(first.dtype) is None:
             return False
         if first.device.type == "cpu" and not self._mt.interpreting():
             return False
-        return all(
-            t.device == first.device and t.dtype == first.dtype and t.is_contiguous() for ts in lists for t in ts
-        )
+        for ts in lists:
+            if ts[0].device != first.device or ts[0].dtype != first.dtype:
+                return False
+            if not all(map(_is_contiguous, ts)):
+                return False
+        return True
 
     def sq_norm(self, grads: list[Tensor]) -> Tensor:
         """``sum_j ||g_j||_2^2`` as a 0-dim fp32 tensor on the gradients' device."""
