@@ -173,12 +173,24 @@ def bench_params(name, shapes, reps, copy_gbs):
     return rows
 
 
-def bench_ce(batch, classes, dtype, reps):
-    torch.manual_seed(0)
-    logits = torch.randn(batch, classes, device="cuda", dtype=dtype)
-    y = torch.randint(0, classes, (batch,), device="cuda")
-    mask = torch.rand(classes, device="cuda") < 0.3
-    is_tail = mask[y]
+def ce_cases(reps):
+    """Inputs and the two implementations for every CE configuration, made before any timing or capture."""
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for batch in (64, 512):
+            for classes in (10, 100, 1000, 8142, 32000):
+                torch.manual_seed(classes + batch)
+                logits = torch.randn(batch, classes, device="cuda", dtype=dtype)
+                y = torch.randint(0, classes, (batch,), device="cuda")
+                mask = torch.rand(classes, device="cuda") < 0.3
+                cases.append(dict(batch=batch, classes=classes, dtype=dtype, logits=logits, y=y, mask=mask))
+    return cases
+
+
+def ce_fns(case):
+    logits, y, mask, batch = case["logits"], case["y"], case["mask"], case["batch"]
+    head_w = (~mask[y]).float()  # torch's two masked losses, written without boolean indexing (no host sync)
+    tail_w = 2.0 * mask[y].float()
 
     def ours():
         x = logits.detach().requires_grad_()
@@ -188,17 +200,46 @@ def bench_ce(batch, classes, dtype, reps):
 
     def torch_masked():
         x = logits.detach().requires_grad_()
-        losses = F.cross_entropy(x.float() if dtype != torch.float32 else x, y, reduction="none")
-        head = losses[~is_tail].sum() / batch
-        tail = losses[is_tail].sum() / batch * 2.0
+        losses = F.cross_entropy(x.float() if x.dtype != torch.float32 else x, y, reduction="none")
+        head = (losses * head_w).sum() / batch
+        tail = (losses * tail_w).sum() / batch
         head.backward(retain_graph=True)
         tail.backward()
 
-    t_ours, t_torch = cuda_time(ours, reps), cuda_time(torch_masked, reps)
-    g_ours, g_torch = try_graph_time(ours, reps), try_graph_time(torch_masked, reps)
-    return dict(batch=batch, classes=classes, dtype=str(dtype).replace("torch.", ""), ours_ms=t_ours,
-                torch_ms=t_torch, speedup=t_torch / t_ours, ours_graph_ms=g_ours, torch_graph_ms=g_torch,
-                graph_speedup=g_torch / g_ours)
+    return ours, torch_masked
+
+
+def bench_ce(reps):
+    cases = ce_cases(reps)
+    rows = []
+    for case in cases:
+        ours, ref = ce_fns(case)
+        t_ours, t_torch = cuda_time(ours, reps), cuda_time(ref, reps)
+        rows.append(dict(batch=case["batch"], classes=case["classes"], dtype=str(case["dtype"]).replace("torch.", ""),
+                         ours_ms=t_ours, torch_ms=t_torch, speedup=t_torch / t_ours,
+                         ours_graph_ms=float("nan"), torch_graph_ms=float("nan"), graph_speedup=float("nan")))
+    for case, row in zip(cases, rows):  # captures last: a failed capture can spoil later CUDA work
+        ours, ref = ce_fns(case)
+        row["ours_graph_ms"] = try_graph_time(ours, reps)
+        row["torch_graph_ms"] = try_graph_time(ref, reps)
+        row["graph_speedup"] = row["torch_graph_ms"] / row["ours_graph_ms"]
+        if row["ours_graph_ms"] != row["ours_graph_ms"] or row["torch_graph_ms"] != row["torch_graph_ms"]:
+            break
+    return rows
+
+
+def print_params(info, param_rows):
+    print(f"\n# {info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}; "
+          f"tests rc={info['tests_rc']}; D2D copy {info['copy_gbs']:.0f} GB/s")
+    print("\n## norm + perturb + restore (fp32), median ms: eager (events), host enqueue, CUDA-graph replay;")
+    print("## GB/s from the graph time at the 28 B/param floor")
+    print(f"{'model':<11}{'impl':<11}{'eager':>8}{'host':>8}{'graph':>8}{'GB/s':>7}{'of copy':>8}{'launch':>7}"
+          f"{'MiB':>7}{'eager vs ref':>13}{'graph vs ref':>13}")
+    for r in param_rows:
+        ref = next(x for x in param_rows if x["model"] == r["model"] and x["impl"] == "reference")
+        print(f"{r['model']:<11}{r['impl']:<11}{r['ms']:>8.3f}{r['host_ms']:>8.3f}{r['graph_ms']:>8.3f}"
+              f"{r['gbs']:>7.0f}{r['frac_copy']:>7.0%}{r['launches']:>7}{r['extra_mib']:>7.1f}"
+              f"{ref['ms'] / r['ms']:>12.1f}x{ref['graph_ms'] / r['graph_ms']:>12.1f}x")
 
 
 def main(argv=None) -> int:
@@ -229,25 +270,12 @@ def main(argv=None) -> int:
         ("100M/100", even_shapes(100_000_000, 100), max(reps // 3, 5)),
     ):
         param_rows += bench_params(name, shapes, r, copy_gbs)
-    ce_rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for batch in (64, 512):
-            for classes in (10, 100, 1000, 8142, 32000):
-                ce_rows.append(bench_ce(batch, classes, dtype, reps))
+    print_params(info, param_rows)
+    sys.stdout.flush()
+    ce_rows = bench_ce(reps)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(dict(info=info, params=param_rows, ce=ce_rows), f, indent=1)
 
-    print(f"\n# {info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}; "
-          f"tests rc={tests_rc}; D2D copy {copy_gbs:.0f} GB/s")
-    print("\n## norm + perturb + restore (fp32), median ms: eager (events), host enqueue, CUDA-graph replay;")
-    print("## GB/s from the graph time at the 28 B/param floor")
-    print(f"{'model':<11}{'impl':<11}{'eager':>8}{'host':>8}{'graph':>8}{'GB/s':>7}{'of copy':>8}{'launch':>7}"
-          f"{'MiB':>7}{'eager vs ref':>13}{'graph vs ref':>13}")
-    for r in param_rows:
-        ref = next(x for x in param_rows if x["model"] == r["model"] and x["impl"] == "reference")
-        print(f"{r['model']:<11}{r['impl']:<11}{r['ms']:>8.3f}{r['host_ms']:>8.3f}{r['graph_ms']:>8.3f}"
-              f"{r['gbs']:>7.0f}{r['frac_copy']:>7.0%}{r['launches']:>7}{r['extra_mib']:>7.1f}"
-              f"{ref['ms'] / r['ms']:>12.1f}x{ref['graph_ms'] / r['graph_ms']:>12.1f}x")
     print("\n## class-masked CE: forward + head backward + tail backward, median ms (eager; CUDA-graph replay)")
     print(f"{'dtype':<9}{'B':>5}{'C':>7}{'ours':>8}{'torch':>8}{'speedup':>8}{'ours g':>8}{'torch g':>8}{'speedup':>8}")
     for r in ce_rows:
