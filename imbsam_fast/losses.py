@@ -58,20 +58,11 @@ def class_weighted_cross_entropy(
     ``l_i = -(1 - s) * log p_{i, y_i} - s/C * sum_k log p_{i,k}`` (label smoothing ``s``),
     then ``head = sum a[y_i] l_i / B`` and ``tail = sum b[y_i] l_i / B``.
     """
-    _check_logits(logits, targets, weights.num_classes, ignore_index)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    _check_logits(logits, targets, weights.num_classes, label_smoothing)
     impl = resolve_loss_backend(backend, logits)
     if impl is not None:
-        return impl(logits, targets, weights, ignore_index=ignore_index, label_smoothing=label_smoothing)
-    losses = F.cross_entropy(
-        logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
-        targets,
-        reduction="none",
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-    )
-    return split_head_tail(losses, targets, weights, ignore_index=ignore_index)
+        return impl(logits, targets, weights=weights, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    return _torch_cross_entropy(logits, targets, weights, ignore_index, label_smoothing)
 
 
 def head_tail_cross_entropy(
@@ -90,17 +81,31 @@ def head_tail_cross_entropy(
     the paper does not; say which one you want.
     """
     mask = torch.as_tensor(tail_mask)
-    return class_weighted_cross_entropy(
-        logits,
+    if mask.dtype != torch.bool or mask.ndim != 1 or mask.numel() == 0:
+        raise ValueError("tail_mask must be a non-empty 1-D bool tensor with one entry per class")
+    if not (0 <= tail_weight < float("inf")):
+        raise ValueError(f"tail_weight must be finite and >= 0, got {tail_weight}")
+    _check_logits(logits, targets, mask.numel(), label_smoothing)
+    impl = resolve_loss_backend(backend, logits)
+    if impl is not None:
+        return impl(logits, targets, tail_mask=mask, tail_weight=tail_weight, ignore_index=ignore_index,
+                    label_smoothing=label_smoothing)
+    return _torch_cross_entropy(logits, targets, imbsam_weights(mask, tail_weight), ignore_index, label_smoothing)
+
+
+def _torch_cross_entropy(logits, targets, weights, ignore_index, label_smoothing):
+    check_labels(targets, weights.num_classes, targets == ignore_index)
+    losses = F.cross_entropy(
+        logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
         targets,
-        imbsam_weights(mask, tail_weight),
+        reduction="none",
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
-        backend=backend,
     )
+    return split_head_tail(losses, targets, weights, ignore_index=ignore_index)
 
 
-def _check_logits(logits: torch.Tensor, targets: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+def _check_logits(logits: torch.Tensor, targets: torch.Tensor, num_classes: int, label_smoothing: float) -> None:
     if logits.ndim != 2:
         raise ValueError(f"logits must be 2-D (batch, classes), got shape {tuple(logits.shape)}")
     if targets.ndim != 1 or targets.shape[0] != logits.shape[0]:
@@ -108,8 +113,11 @@ def _check_logits(logits: torch.Tensor, targets: torch.Tensor, num_classes: int,
             f"targets must be 1-D with one label per row of logits: logits {tuple(logits.shape)}, "
             f"targets {tuple(targets.shape)}"
         )
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise ValueError(f"targets must be integer class labels, got {targets.dtype}")
     if logits.shape[1] != num_classes:
         raise ValueError(
             f"the class weights / tail mask have {num_classes} entries but logits have {logits.shape[1]} classes"
         )
-    check_labels(targets, num_classes, targets == ignore_index)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")

@@ -26,6 +26,8 @@ is stored in the logits' dtype.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -38,13 +40,15 @@ MAX_BLOCK_C = 4096
 
 @triton.jit
 def _forward_kernel(
-    logits, stride_row, targets, head_w, tail_w, losses, grad, row_head_w, row_tail_w,
-    C, ignore_index, smoothing,
-    BLOCK_C: tl.constexpr,
+    logits, stride_row, targets, head_w, tail_w, tail_mask, tail_weight, bad_labels,
+    losses, grad, row_head_w, row_tail_w, C, ignore_index, smoothing,
+    FROM_MASK: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     y = tl.load(targets + i)
-    valid = y != ignore_index
+    in_range = (y >= 0) & (y < C)
+    tl.atomic_max(bad_labels, ((y != ignore_index) & ~in_range).to(tl.int32))
+    valid = in_range & (y != ignore_index)
     y_safe = tl.where(valid, y, 0)
     row = logits + i * stride_row
     m = tl.full([], float("-inf"), tl.float32)
@@ -63,8 +67,15 @@ def _forward_kernel(
     loss = lse - (1.0 - smoothing) * x_y - smoothing / C * sum_x
     tl.store(losses + i, tl.where(valid, loss, 0.0))
     keep = tl.where(valid, 1.0, 0.0)
-    tl.store(row_head_w + i, tl.load(head_w + y_safe) * keep)
-    tl.store(row_tail_w + i, tl.load(tail_w + y_safe) * keep)
+    if FROM_MASK:
+        is_tail = tl.load(tail_mask + y_safe).to(tl.float32)
+        a = 1.0 - is_tail
+        b = tail_weight * is_tail
+    else:
+        a = tl.load(head_w + y_safe)
+        b = tl.load(tail_w + y_safe)
+    tl.store(row_head_w + i, a * keep)
+    tl.store(row_tail_w + i, b * keep)
     grow = grad + i * C
     for start in range(0, C, BLOCK_C):
         offs = start + tl.arange(0, BLOCK_C)
@@ -90,13 +101,18 @@ def _weighted_sums_kernel(losses, row_head_w, row_tail_w, out, B, inv_b, BLOCK: 
 
 @triton.jit
 def _backward_kernel(
-    grad, dlogits, row_head_w, row_tail_w, g_sums, g_losses, C, inv_b,
-    BLOCK_C: tl.constexpr,
+    grad, dlogits, row_head_w, row_tail_w, g_head, g_tail, g_losses, C, inv_b,
+    HAS_HEAD: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_LOSSES: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1)
-    w = (tl.load(g_sums) * tl.load(row_head_w + i) + tl.load(g_sums + 1) * tl.load(row_tail_w + i)) * inv_b
-    w += tl.load(g_losses + i).to(tl.float32)
+    w = tl.zeros([], dtype=tl.float32)
+    if HAS_HEAD:
+        w += tl.load(g_head).to(tl.float32) * tl.load(row_head_w + i) * inv_b
+    if HAS_TAIL:
+        w += tl.load(g_tail).to(tl.float32) * tl.load(row_tail_w + i) * inv_b
+    if HAS_LOSSES:
+        w += tl.load(g_losses + i).to(tl.float32)
     offs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = offs < C
     g = tl.load(grad + i * C + offs, mask=mask, other=0.0).to(tl.float32)
@@ -112,11 +128,16 @@ def _warps(block: int) -> int:
 
 
 class ClassMaskedCrossEntropy(torch.autograd.Function):
-    """Autograd wrapper: ``(logits, targets, a, b) -> (head, tail, per-sample losses)``."""
+    """Autograd wrapper: ``(logits, targets, weights) -> (head, tail, per-sample losses)``.
+
+    The weights are either per-class vectors ``a``, ``b`` or a bool tail mask
+    with ``tail_weight`` (``a = 1 - m``, ``b = tail_weight * m``), read in the kernel.
+    """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, head_w: Tensor, tail_w: Tensor, ignore_index: int,
-                smoothing: float):
+    def forward(ctx, logits: Tensor, targets: Tensor, head_w: Optional[Tensor], tail_w: Optional[Tensor],
+                tail_mask: Optional[Tensor], tail_weight: float, ignore_index: int, smoothing: float):
+        ctx.set_materialize_grads(False)
         if logits.stride(-1) != 1:
             logits = logits.contiguous()
         batch, num_classes = logits.shape
@@ -124,45 +145,77 @@ class ClassMaskedCrossEntropy(torch.autograd.Function):
         losses = torch.empty(batch, dtype=torch.float32, device=device)
         grad = torch.empty((batch, num_classes), dtype=logits.dtype, device=device)
         row_w = torch.empty((2, batch), dtype=torch.float32, device=device)
-        sums = torch.zeros(2, dtype=torch.float32, device=device)
+        sums = torch.zeros(3, dtype=torch.float32, device=device)  # head, tail, bad-label flag (as int32 bits)
         inv_b = 1.0 / max(batch, 1)
         if batch > 0:
             block = _block_c(num_classes)
+            from_mask = tail_mask is not None
+            unused = row_w
             _forward_kernel[(batch,)](
-                logits, logits.stride(0), targets, head_w, tail_w, losses, grad, row_w[0], row_w[1],
-                num_classes, ignore_index, float(smoothing), BLOCK_C=block, num_warps=_warps(block),
+                logits, logits.stride(0), targets, unused if from_mask else head_w, unused if from_mask else tail_w,
+                tail_mask if from_mask else unused, float(tail_weight), sums[2:].view(torch.int32),
+                losses, grad, row_w[0], row_w[1], num_classes, ignore_index, float(smoothing),
+                FROM_MASK=from_mask, BLOCK_C=block, num_warps=_warps(block),
             )
             _weighted_sums_kernel[(1,)](losses, row_w[0], row_w[1], sums, batch, inv_b, BLOCK=1024, num_warps=4)
+            _check_flag(sums[2:].view(torch.int32), targets, num_classes, ignore_index)
         ctx.save_for_backward(grad, row_w)
         ctx.inv_b = inv_b
         return sums[0], sums[1], losses
 
     @staticmethod
-    def backward(ctx, g_head: Tensor, g_tail: Tensor, g_losses: Tensor):
+    def backward(ctx, g_head: Optional[Tensor], g_tail: Optional[Tensor], g_losses: Optional[Tensor]):
         grad, row_w = ctx.saved_tensors
         batch, num_classes = grad.shape
+        if g_head is None and g_tail is None and g_losses is None:
+            return (None,) * 8
         dlogits = torch.empty_like(grad)
         if batch > 0 and num_classes > 0:
-            g_sums = torch.stack([g_head.float(), g_tail.float()])
             block = _block_c(num_classes)
             _backward_kernel[(batch, triton.cdiv(num_classes, block))](
-                grad, dlogits, row_w[0], row_w[1], g_sums, g_losses.contiguous(), num_classes, ctx.inv_b,
+                grad, dlogits, row_w[0], row_w[1],
+                g_head if g_head is not None else row_w, g_tail if g_tail is not None else row_w,
+                g_losses.contiguous() if g_losses is not None else row_w, num_classes, ctx.inv_b,
+                HAS_HEAD=g_head is not None, HAS_TAIL=g_tail is not None, HAS_LOSSES=g_losses is not None,
                 BLOCK_C=block, num_warps=_warps(block),
             )
-        return dlogits, None, None, None, None, None
+        return dlogits, None, None, None, None, None, None, None
+
+
+def _check_flag(flag: Tensor, targets: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Labels outside ``[0, C)``: ``ValueError`` on CPU, a device-side assert elsewhere (no host sync)."""
+    msg = f"labels must lie in [0, {num_classes}) (or equal ignore_index={ignore_index})"
+    if flag.device.type == "cpu":
+        # CPU tensors: reading the flag is not a device sync.
+        if bool(flag[0] != 0):
+            raise ValueError(msg)
+    else:
+        torch._assert_async(flag[0] == 0, msg)
 
 
 def class_masked_cross_entropy(
-    logits: Tensor, targets: Tensor, head_w: Tensor, tail_w: Tensor, ignore_index: int = -100,
+    logits: Tensor, targets: Tensor, head_w: Optional[Tensor] = None, tail_w: Optional[Tensor] = None, *,
+    tail_mask: Optional[Tensor] = None, tail_weight: float = 1.0, ignore_index: int = -100,
     label_smoothing: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(head, tail, per-sample losses)`` of cross-entropy with class weights ``a = head_w``, ``b = tail_w``.
+    """``(head, tail, per-sample losses)`` of cross-entropy with class weights.
 
-    ``logits``: ``(B, C)`` fp32/fp16/bf16; ``targets``: ``(B,)`` integer labels
-    (``ignore_index`` allowed); ``head_w``, ``tail_w``: ``(C,)`` fp32 on the same device.
-    Labels are not range-checked here (the caller does it).
+    Give either ``head_w`` and ``tail_w`` (``(C,)`` per-class ``a``, ``b``) or
+    ``tail_mask`` (``(C,)`` bool) with ``tail_weight``. ``logits``: ``(B, C)``
+    fp32/fp16/bf16; ``targets``: ``(B,)`` integer labels (``ignore_index`` allowed;
+    any other label outside ``[0, C)`` raises on CPU and asserts on the device).
     """
+    if tail_mask is not None:
+        if head_w is not None or tail_w is not None:
+            raise ValueError("give either head_w and tail_w, or tail_mask, not both")
+        return ClassMaskedCrossEntropy.apply(
+            logits, targets, None, None, tail_mask.to(logits.device).contiguous(), float(tail_weight),
+            int(ignore_index), float(label_smoothing),
+        )
+    if head_w is None or tail_w is None:
+        raise ValueError("give head_w and tail_w, or tail_mask")
     return ClassMaskedCrossEntropy.apply(
         logits, targets, head_w.to(device=logits.device, dtype=torch.float32).contiguous(),
-        tail_w.to(device=logits.device, dtype=torch.float32).contiguous(), int(ignore_index), float(label_smoothing),
+        tail_w.to(device=logits.device, dtype=torch.float32).contiguous(), None, 1.0, int(ignore_index),
+        float(label_smoothing),
     )

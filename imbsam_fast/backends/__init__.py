@@ -89,10 +89,18 @@ def resolve_loss_backend(name: str, logits: torch.Tensor) -> Optional[Callable]:
 _CE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _triton_cross_entropy(logits, targets, weights, *, ignore_index, label_smoothing):
+def _triton_cross_entropy(logits, targets, *, weights=None, tail_mask=None, tail_weight=1.0, ignore_index,
+                          label_smoothing):
+    """The fused kernel; it checks the labels itself (no extra launches)."""
     from imbsam_fast.kernels.cross_entropy import class_masked_cross_entropy
 
-    head, tail, _ = class_masked_cross_entropy(
-        logits, targets, weights.head, weights.tail, ignore_index=ignore_index, label_smoothing=label_smoothing
-    )
+    if weights is not None:
+        head, tail, _ = class_masked_cross_entropy(
+            logits, targets, weights.head, weights.tail, ignore_index=ignore_index, label_smoothing=label_smoothing
+        )
+    else:
+        head, tail, _ = class_masked_cross_entropy(
+            logits, targets, tail_mask=tail_mask, tail_weight=tail_weight, ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+        )
     return head, tail
