@@ -16,19 +16,22 @@ One step (the public reference's 2 forwards and 3 backwards)::
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .backends import resolve_param_backend
 from .backends.buckets import Bucket
+from .batchnorm import BatchNormStats
 from .priors import ClassWeights, as_class_weights, sample_weights
 
 __all__ = ["ImbSAM", "StepLosses"]
 
-MODES = ("exact",)
+MODES = ("exact", "fast")
+BN_STATS = ("reference", "first")
 NONFINITE = ("skip", "raise", "none")
 
 _IDLE, _STASHED, _PERTURBED = "idle", "head gradient stashed", "weights perturbed"
@@ -57,7 +60,17 @@ class ImbSAM(Optimizer):
             :meth:`step` with a closure.
         tail_weight: factor on the tail loss when ``tail_mask`` is a bool mask
             (public code's latest revision: 2).
-        mode: ``"exact"`` reproduces the reference passes.
+        mode: ``"exact"`` reproduces the reference passes (2 full forwards, 3
+            full backwards). ``"fast"`` runs one full forward and backward for
+            the head, and the tail gradient at w and at w + e on the tail
+            samples only (``closure(index)``); a batch with no tail sample takes
+            a plain step. Needs ``model``.
+        model: the module the closure runs. Fast mode replays the full forward's
+            BatchNorm batch statistics in its tail passes and keeps running
+            statistics still there (``imbsam_fast.batchnorm``).
+        bn_stats: exact mode only: ``"reference"`` (BatchNorm running statistics
+            update in both forwards, as the public code does) or ``"first"``
+            (only the first forward updates them, the common SAM fix).
         backend: ``"auto" | "torch" | "triton" | "ext"`` for the parameter ops.
         nonfinite: what to do when the combined gradient or the tail gradient
             holds NaN/inf: ``"skip"`` the base step (weights restored, counted in
@@ -79,12 +92,23 @@ class ImbSAM(Optimizer):
         backend: str = "auto",
         nonfinite: str = "skip",
         ignore_index: int = -100,
+        model: Optional[nn.Module] = None,
+        bn_stats: str = "reference",
         **base_kwargs: Any,
     ) -> None:
         if not rho >= 0.0:
             raise ValueError(f"rho must be >= 0, got {rho}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "fast" and model is None:
+            raise ValueError(
+                "mode='fast' needs model=<the module the closure runs>, to handle its BatchNorm layers in the "
+                "tail-only passes"
+            )
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
+        if bn_stats == "first" and model is None:
+            raise ValueError("bn_stats='first' needs model=<the module the closure runs>")
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
         if isinstance(base_optimizer, Optimizer):
@@ -121,6 +145,8 @@ class ImbSAM(Optimizer):
             None if tail_mask is None else as_class_weights(tail_mask, tail_weight)
         )
         self.mode = mode
+        self.bn_stats = bn_stats
+        self._bn = BatchNormStats(model if model is not None else nn.Module())
         self.nonfinite = nonfinite
         self.ignore_index = ignore_index
         self._backend_name = backend
@@ -223,22 +249,28 @@ class ImbSAM(Optimizer):
         self._phase = _IDLE
         self._opt_called = True
         self.steps += 1
-        if self.nonfinite != "none" and not self._grads_finite():
-            self.skipped_steps += 1
-            self.last_step_skipped = True
-            self.zero_grad(set_to_none=True)
-            msg = (
-                f"ImbSAM step {self.steps}: non-finite gradient; the base step was skipped and the weights "
-                "left as they were"
-            )
-            if self.nonfinite == "raise":
-                raise FloatingPointError(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        if self._skip_if_nonfinite():
             return
-        self.last_step_skipped = False
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad(set_to_none=True)
+
+    def _skip_if_nonfinite(self) -> bool:
+        """Apply the ``nonfinite`` policy; True when the base step must be skipped."""
+        if self.nonfinite == "none" or self._grads_finite():
+            self.last_step_skipped = False
+            return False
+        self.skipped_steps += 1
+        self.last_step_skipped = True
+        self.zero_grad(set_to_none=True)
+        msg = (
+            f"ImbSAM step {self.steps}: non-finite gradient; the base step was skipped and the weights "
+            "left as they were"
+        )
+        if self.nonfinite == "raise":
+            raise FloatingPointError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return True
 
     def _grads_finite(self) -> bool:
         grads: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
@@ -289,25 +321,88 @@ class ImbSAM(Optimizer):
             raise ValueError("ImbSAM.step(closure, targets) needs tail_mask (or ClassWeights) at construction")
         self._require(_IDLE, "step")
         head_w, tail_w = self._sample_weights(targets)
-        batch = targets.shape[0]
+        if self.mode == "fast":
+            return self._step_fast(closure, targets, head_w, tail_w)
+        return self._step_exact(closure, targets, head_w, tail_w)
 
+    def _step_exact(
+        self, closure: Callable[..., Tensor], targets: Tensor, head_w: Tensor, tail_w: Tensor
+    ) -> StepLosses:
+        """The reference's passes: full forward, head and tail backward on it, full perturbed forward and backward."""
+        batch = targets.shape[0]
+        denom = max(batch, 1)
         losses = self._run_closure(closure, batch)
-        head = (head_w.to(losses.dtype) * losses).sum() / max(batch, 1)
-        tail = (tail_w.to(losses.dtype) * losses).sum() / max(batch, 1)
+        head = (head_w.to(losses.dtype) * losses).sum() / denom
+        tail = (tail_w.to(losses.dtype) * losses).sum() / denom
         self.zero_grad(set_to_none=True)
         head.backward(retain_graph=True)
         self.first_step()
         tail.backward()
         self.second_step()
         try:
-            losses2 = self._run_closure(closure, batch)
-            tail2 = (tail_w.to(losses2.dtype) * losses2).sum() / max(batch, 1)
+            with self._bn.freeze_running_stats() if self.bn_stats == "first" else nullcontext():
+                losses2 = self._run_closure(closure, batch)
+            tail2 = (tail_w.to(losses2.dtype) * losses2).sum() / denom
             tail2.backward()
         except BaseException:
             self._abort()
             raise
         self.third_step()
         return StepLosses(head.detach(), tail.detach(), tail2.detach(), losses.detach())
+
+    def _step_fast(
+        self, closure: Callable[..., Tensor], targets: Tensor, head_w: Tensor, tail_w: Tensor
+    ) -> StepLosses:
+        """One full-batch pass for the head; the tail gradient at w and at w + e from the tail samples only.
+
+        BatchNorm layers replay the full forward's batch statistics in the tail
+        passes and leave their running statistics alone (see ``batchnorm.py``).
+        """
+        batch = targets.shape[0]
+        denom = max(batch, 1)
+        with self._bn.record():
+            losses = self._run_closure(closure, batch)
+        head = (head_w.to(losses.dtype) * losses).sum() / denom
+        tail = (tail_w.to(losses.dtype) * losses.detach()).sum() / denom
+        self.zero_grad(set_to_none=True)
+        # The tail passes are sized by the number of tail samples: reading it is one
+        # host sync per step when the targets live on an accelerator (none on the CPU).
+        index = torch.nonzero(tail_w).squeeze(1)
+        if index.numel() == 0:
+            head.backward()
+            self._plain_step()
+            return StepLosses(head.detach(), tail, torch.zeros_like(tail), losses.detach())
+        head.backward()
+        self.first_step()
+        tail_w_idx = tail_w[index]
+        try:
+            with self._bn.replay():
+                tail_losses = self._run_closure(closure, batch, index)
+                ((tail_w_idx.to(tail_losses.dtype) * tail_losses).sum() / denom).backward()
+        except BaseException:
+            self._abort()
+            raise
+        self.second_step()
+        try:
+            with self._bn.replay():
+                losses2 = self._run_closure(closure, batch, index)
+                tail2 = (tail_w_idx.to(losses2.dtype) * losses2).sum() / denom
+                tail2.backward()
+        except BaseException:
+            self._abort()
+            raise
+        self.third_step()
+        return StepLosses(head.detach(), tail, tail2.detach(), losses.detach())
+
+    @torch.no_grad()
+    def _plain_step(self) -> None:
+        """The base step on the gradients at hand, with the non-finite check."""
+        self._opt_called = True
+        self.steps += 1
+        if self._skip_if_nonfinite():
+            return
+        self.base_optimizer.step()
+        self.zero_grad(set_to_none=True)
 
     def _sample_weights(self, targets: Tensor) -> tuple[Tensor, Tensor]:
         assert self.class_weights is not None

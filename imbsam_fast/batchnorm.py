@@ -1,0 +1,117 @@
+"""BatchNorm handling for ImbSAM's extra passes.
+
+Fast mode runs the tail passes on the batch's tail samples only, often one or
+two of them. Batch statistics of so few samples are meaningless, and the
+running statistics must not move. :class:`BatchNormStats` records, during the
+first full-batch forward, the batch statistics every BatchNorm layer used::
+
+    mu = mean_{n, spatial}(x),   var = mean_{n, spatial}((x - mu)^2)   (biased, as in training)
+
+and replays them in the tail passes: each layer computes
+``y = (x - mu) / sqrt(var + eps) * gamma + beta`` with the recorded ``mu`` and
+``var`` (constants for autograd) and leaves its running statistics alone.
+Gradients reach ``x``, ``gamma`` and ``beta``; they do not flow through the
+batch statistics, which is where fast mode differs from exact mode on
+BatchNorm models (measured in ``benchmarks/RESULTS.md``).
+
+One mechanism covers BatchNorm1d/2d/3d, SyncBatchNorm and every other
+subclass of ``torch.nn.modules.batchnorm._BatchNorm``. Layers in eval mode
+use their running statistics as usual and are left alone. A layer called
+several times in one forward gets its recorded statistics back in call order
+(cycling, so that activation checkpointing's recomputation in the backward
+sees them again).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["BatchNormStats", "batchnorm_layers"]
+
+
+def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
+    """Every BatchNorm layer (any ``_BatchNorm`` subclass) in ``model``."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
+class BatchNormStats:
+    """Record the batch statistics of one forward; replay them, or freeze running statistics, later."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = batchnorm_layers(model)
+        self._stats: dict[_BatchNorm, list[tuple[Tensor, Tensor]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+    @contextmanager
+    def record(self) -> Iterator[None]:
+        """Within: each training-mode layer stores the batch mean and biased variance of its input."""
+        self._stats = {}
+
+        def hook(module: _BatchNorm, args: tuple[Tensor, ...]) -> None:
+            if not module.training:
+                return
+            x = args[0]
+            dims = [0] + list(range(2, x.dim()))
+            with torch.no_grad():
+                var, mean = torch.var_mean(x, dim=dims, correction=0)
+            self._stats.setdefault(module, []).append((mean, var))
+
+        handles = [m.register_forward_pre_hook(hook) for m in self.layers]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """Within: training-mode layers normalize with the recorded statistics and update nothing."""
+        patched = []
+        for m in self.layers:
+            if not m.training:
+                continue
+            stats = self._stats.get(m)
+            if not stats:
+                raise RuntimeError(
+                    f"{type(m).__name__} ran in training mode in a tail pass but not in the full-batch forward; "
+                    "fast mode needs the same layers to run in both"
+                )
+            m.forward = _replaying_forward(m, stats)  # type: ignore[method-assign]
+            patched.append(m)
+        try:
+            yield
+        finally:
+            for m in patched:
+                del m.forward
+
+    @contextmanager
+    def freeze_running_stats(self) -> Iterator[None]:
+        """Within: training-mode layers use batch statistics but leave running statistics (and their count) alone."""
+        frozen = [m for m in self.layers if m.training and m.track_running_stats]
+        for m in frozen:
+            m.track_running_stats = False
+        try:
+            yield
+        finally:
+            for m in frozen:
+                m.track_running_stats = True
+
+
+def _replaying_forward(module: _BatchNorm, stats: list[tuple[Tensor, Tensor]]):
+    calls = [0]
+
+    def forward(x: Tensor) -> Tensor:
+        module._check_input_dim(x)
+        mean, var = stats[calls[0] % len(stats)]
+        calls[0] += 1
+        return F.batch_norm(x, mean, var, module.weight, module.bias, training=False, momentum=0.0, eps=module.eps)
+
+    return forward
