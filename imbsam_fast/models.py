@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-__all__ = ["digits_cnn"]
+__all__ = ["digits_cnn", "resnet32"]
 
 
 def digits_cnn(num_classes: int = 10, width: int = 16, in_channels: int = 1) -> nn.Module:
@@ -20,3 +21,45 @@ def digits_cnn(num_classes: int = 10, width: int = 16, in_channels: int = 1) -> 
         nn.Flatten(),
         nn.Linear(2 * width, num_classes),
     )
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = _PadShortcut(cout - cin)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class _PadShortcut(nn.Module):
+    """CIFAR ResNet option A: subsample by 2 and zero-pad the new channels (no parameters)."""
+
+    def __init__(self, extra: int) -> None:
+        super().__init__()
+        self.extra = extra
+
+    def forward(self, x):
+        x = x[:, :, ::2, ::2]
+        pad = self.extra // 2
+        return nn.functional.pad(x, (0, 0, 0, 0, pad, self.extra - pad))
+
+
+def resnet32(num_classes: int = 100, width: int = 16) -> nn.Module:
+    """CIFAR ResNet-32 (He et al. 2016): 3 stages of 5 basic blocks, widths 16/32/64, 0.47M parameters."""
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    cin = width
+    for stage, w in enumerate((width, 2 * width, 4 * width)):
+        for block in range(5):
+            layers.append(_BasicBlock(cin, w, 2 if stage > 0 and block == 0 else 1))
+            cin = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)

@@ -145,6 +145,11 @@ class ImbSAM(Optimizer):
             None if tail_mask is None else as_class_weights(tail_mask, tail_weight)
         )
         self.mode = mode
+        self._has_head = self._has_tail = True
+        if self.class_weights is not None:
+            # Presets with no head part (SAM) or no tail part (plain training) skip the passes they do not need.
+            self._has_head = bool((self.class_weights.head != 0).any())
+            self._has_tail = bool((self.class_weights.tail != 0).any())
         self.bn_stats = bn_stats
         self._bn = BatchNormStats(model if model is not None else nn.Module())
         self.nonfinite = nonfinite
@@ -332,17 +337,22 @@ class ImbSAM(Optimizer):
         batch = targets.shape[0]
         denom = max(batch, 1)
         losses = self._run_closure(closure, batch)
-        head = (head_w.to(losses.dtype) * losses).sum() / denom
-        tail = (tail_w.to(losses.dtype) * losses).sum() / denom
+        head = _weighted_sum(head_w, losses, denom)
+        tail = _weighted_sum(tail_w, losses, denom)
         self.zero_grad(set_to_none=True)
-        head.backward(retain_graph=True)
+        if not self._has_tail:
+            head.backward()
+            self._plain_step()
+            return StepLosses(head.detach(), tail.detach(), torch.zeros_like(tail.detach()), losses.detach())
+        if self._has_head:
+            head.backward(retain_graph=True)
         self.first_step()
         tail.backward()
         self.second_step()
         try:
             with self._bn.freeze_running_stats() if self.bn_stats == "first" else nullcontext():
                 losses2 = self._run_closure(closure, batch)
-            tail2 = (tail_w.to(losses2.dtype) * losses2).sum() / denom
+            tail2 = _weighted_sum(tail_w, losses2, denom)
             tail2.backward()
         except BaseException:
             self._abort()
@@ -362,23 +372,24 @@ class ImbSAM(Optimizer):
         denom = max(batch, 1)
         with self._bn.record():
             losses = self._run_closure(closure, batch)
-        head = (head_w.to(losses.dtype) * losses).sum() / denom
-        tail = (tail_w.to(losses.dtype) * losses.detach()).sum() / denom
+        head = _weighted_sum(head_w, losses, denom)
+        tail = _weighted_sum(tail_w, losses.detach(), denom)
         self.zero_grad(set_to_none=True)
         # The tail passes are sized by the number of tail samples: reading it is one
         # host sync per step when the targets live on an accelerator (none on the CPU).
-        index = torch.nonzero(tail_w).squeeze(1)
+        index = torch.nonzero(tail_w).squeeze(1) if self._has_tail else tail_w.new_zeros(0, dtype=torch.long)
         if index.numel() == 0:
             head.backward()
             self._plain_step()
             return StepLosses(head.detach(), tail, torch.zeros_like(tail), losses.detach())
-        head.backward()
+        if self._has_head:
+            head.backward()
         self.first_step()
         tail_w_idx = tail_w[index]
         try:
             with self._bn.replay():
                 tail_losses = self._run_closure(closure, batch, index)
-                ((tail_w_idx.to(tail_losses.dtype) * tail_losses).sum() / denom).backward()
+                _weighted_sum(tail_w_idx, tail_losses, denom).backward()
         except BaseException:
             self._abort()
             raise
@@ -386,7 +397,7 @@ class ImbSAM(Optimizer):
         try:
             with self._bn.replay():
                 losses2 = self._run_closure(closure, batch, index)
-                tail2 = (tail_w_idx.to(losses2.dtype) * losses2).sum() / denom
+                tail2 = _weighted_sum(tail_w_idx, losses2, denom)
                 tail2.backward()
         except BaseException:
             self._abort()
@@ -467,12 +478,19 @@ class ImbSAM(Optimizer):
             if cw is not None:
                 self.class_weights = ClassWeights(cw["head"].clone(), cw["tail"].clone())
                 self._weights_on = {}
+                self._has_head = bool((self.class_weights.head != 0).any())
+                self._has_tail = bool((self.class_weights.tail != 0).any())
 
     def __repr__(self) -> str:
         return (
             f"ImbSAM(mode={self.mode!r}, backend={self.backend!r}, nonfinite={self.nonfinite!r}, "
             f"base={self.base_optimizer!r})"
         )
+
+
+def _weighted_sum(weights: Tensor, losses: Tensor, denom: int) -> Tensor:
+    """``sum_i w_i l_i / denom``, the weights moved to the losses' device and dtype."""
+    return (weights.to(device=losses.device, dtype=losses.dtype, non_blocking=True) * losses).sum() / denom
 
 
 def _flatten_params(params: Any) -> list[Tensor]:

@@ -197,3 +197,49 @@ def test_restore_is_bit_exact_where_subtraction_is_not():
     p.grad.add_(torch.randn(4096))
     opt.third_step()
     assert torch.equal(p.detach(), w0)
+
+
+def test_sam_preset_is_plain_sam_with_two_passes():
+    from imbsam_fast import sam_weights
+
+    torch.manual_seed(0)
+    model = mlp()
+    twin = copy.deepcopy(model)
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, rho=0.1, tail_mask=sam_weights(10), lr=0.1)
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1)
+    for x, y in vector_batches(3):
+        calls = []
+
+        def closure(index=None, x=x, y=y, calls=calls):
+            calls.append(index)
+            return F.cross_entropy(model(x), y, reduction="none")
+
+        opt.step(closure, y)
+        assert len(calls) == 2
+        sgd.zero_grad()
+        F.cross_entropy(twin(x), y).backward()
+        grads = [p.grad.clone() for p in twin.parameters()]
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        saved = [p.detach().clone() for p in twin.parameters()]
+        with torch.no_grad():
+            for p, g in zip(twin.parameters(), grads):
+                p.add_(0.1 * g / (norm + 1e-16))
+        sgd.zero_grad()
+        F.cross_entropy(twin(x), y).backward()
+        with torch.no_grad():
+            for p, s in zip(twin.parameters(), saved):
+                p.copy_(s)
+        sgd.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_preset_takes_one_pass():
+    from imbsam_fast import plain_weights
+
+    model = mlp()
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=plain_weights(10), lr=0.1)
+    x, y = vector_batches(1)[0]
+    calls = []
+    opt.step(lambda index=None: calls.append(index) or F.cross_entropy(model(x), y, reduction="none"), y)
+    assert len(calls) == 1

@@ -1,0 +1,256 @@
+"""Fast mode: tail-only passes, BatchNorm statistics replay, and the edge cases around them."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import image_batches, mlp, small_cnn, vector_batches
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from imbsam_fast import ImbSAM
+from imbsam_fast.batchnorm import BatchNormStats
+
+TAIL = torch.tensor([False] * 7 + [True] * 3)
+KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+
+def _closure(model, x, y, calls=None):
+    def closure(index=None):
+        if calls is not None:
+            calls.append(None if index is None else index.clone())
+        xs, ys = (x, y) if index is None else (x[index], y[index])
+        return F.cross_entropy(model(xs), ys, reduction="none")
+
+    return closure
+
+
+def _pair(model, mask=TAIL, **extra):
+    fast_model, exact_model = copy.deepcopy(model), copy.deepcopy(model)
+    fast = ImbSAM(fast_model.parameters(), torch.optim.SGD, tail_mask=mask, mode="fast", model=fast_model,
+                  **KW, **extra)
+    exact = ImbSAM(exact_model.parameters(), torch.optim.SGD, tail_mask=mask, **KW, **extra)
+    return fast_model, fast, exact_model, exact
+
+
+def _max_rel(a, b):
+    return max(((p - q).norm() / q.norm().clamp_min(1e-12)).item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+class LayerNormMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "layernorm", "groupnorm"])
+def test_fast_equals_exact_without_batchnorm(kind):
+    torch.manual_seed(0)
+    if kind == "groupnorm":
+        model, batches = small_cnn(batchnorm=False), image_batches(12, seed=1)
+    else:
+        model, batches = (mlp() if kind == "mlp" else LayerNormMLP()), vector_batches(12, seed=1)
+    fm, fast, em, exact = _pair(model)
+    tails = 0
+    for x, y in batches:
+        tails += int(TAIL[y].sum())
+        out_f = fast.step(_closure(fm, x, y), y)
+        out_e = exact.step(_closure(em, x, y), y)
+        torch.testing.assert_close(out_f.tail, out_e.tail, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out_f.perturbed_tail, out_e.perturbed_tail, rtol=1e-5, atol=1e-6)
+    assert tails > 0
+    assert _max_rel(fm, em) < 1e-5
+
+
+def test_fast_passes_only_tail_samples_through_the_closure():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, **KW)
+    x, y = vector_batches(1)[0]
+    y = torch.tensor([0, 8, 1, 2, 9, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 7])
+    calls = []
+    opt.step(_closure(model, x, y, calls), y)
+    assert calls[0] is None
+    assert [c.tolist() for c in calls[1:]] == [[1, 4, 15], [1, 4, 15]]
+
+
+def test_batch_without_tail_is_one_pass_and_a_plain_head_step():
+    torch.manual_seed(0)
+    model = mlp()
+    twin = copy.deepcopy(model)
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, **KW)
+    sgd = torch.optim.SGD(twin.parameters(), **KW)
+    for x, y in vector_batches(3):
+        y = y % 7
+        calls = []
+        out = opt.step(_closure(model, x, y, calls), y)
+        assert len(calls) == 1 and out.tail == 0 and out.perturbed_tail == 0
+        sgd.zero_grad()
+        (F.cross_entropy(twin(x), y, reduction="none").sum() / len(y)).backward()
+        sgd.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_every_sample_tail():
+    torch.manual_seed(0)
+    fm, fast, em, exact = _pair(mlp())
+    for x, y in vector_batches(4):
+        y = 7 + y % 3
+        fast.step(_closure(fm, x, y), y)
+        exact.step(_closure(em, x, y), y)
+    assert _max_rel(fm, em) < 1e-5
+
+
+def test_tail_passes_leave_batchnorm_running_stats_alone():
+    torch.manual_seed(0)
+    model = small_cnn()
+    probe = copy.deepcopy(model)
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, **KW)
+    x, y = image_batches(1)[0]
+    y[:3] = torch.tensor([7, 8, 9])
+    opt.step(_closure(model, x, y), y)
+    probe.train()
+    with torch.no_grad():
+        probe(x)  # one full forward: what the running statistics must have seen
+    for (n, a), (_, b) in zip(model.named_buffers(), probe.named_buffers()):
+        assert torch.equal(a, b), n
+
+
+def test_single_tail_sample_with_batchnorm1d():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, **KW)
+    x, y = vector_batches(1)[0]
+    y = y % 7
+    y[5] = 9
+    before = [p.detach().clone() for p in model.parameters()]
+    out = opt.step(_closure(model, x, y), y)  # a 1-sample BatchNorm1d pass would raise in training mode
+    assert torch.isfinite(out.perturbed_tail) and out.perturbed_tail > 0
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_replayed_statistics_normalize_like_the_full_batch():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    stats = BatchNormStats(bn)
+    x = torch.randn(8, 3, 4, 4)
+    with stats.record():
+        full = bn(x)
+    running = bn.running_mean.clone()
+    with stats.replay():
+        part = bn(x[[2, 5]])
+    torch.testing.assert_close(part, full[[2, 5]])
+    assert torch.equal(bn.running_mean, running)
+    assert "forward" not in bn.__dict__
+
+
+def test_closure_returning_wrong_shape_for_index_restores_weights():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, **KW)
+    x, y = vector_batches(1)[0]
+    y[0] = 9
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure(index=None):
+        return F.cross_entropy(model(x), y, reduction="none")  # ignores index
+
+    with pytest.raises(ValueError, match="shape"):
+        opt.step(closure, y)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    opt.step(_closure(model, x, y), y)
+
+
+def test_eval_mode_model_uses_running_stats_and_matches_exact():
+    torch.manual_seed(0)
+    model = small_cnn()
+    with torch.no_grad():
+        model(torch.randn(32, 3, 8, 8))  # give the running statistics something
+    model.eval()
+    fm, fast, em, exact = _pair(model)
+    for x, y in image_batches(5, seed=2):
+        fast.step(_closure(fm, x, y), y)
+        exact.step(_closure(em, x, y), y)
+    assert _max_rel(fm, em) < 1e-5
+    for a, b in zip(fm.buffers(), em.buffers()):
+        assert torch.equal(a, b)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, batchnorm: bool):
+        super().__init__()
+        norm = nn.BatchNorm1d(32) if batchnorm else nn.LayerNorm(32)
+        self.block = nn.Sequential(nn.Linear(16, 32), norm, nn.ReLU())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(checkpoint(self.block, x, use_reentrant=False))
+
+
+def test_gradient_checkpointed_models():
+    torch.manual_seed(0)
+    fm, fast, em, exact = _pair(Checkpointed(batchnorm=False))
+    for x, y in vector_batches(5, seed=4):
+        fast.step(_closure(fm, x, y), y)
+        exact.step(_closure(em, x, y), y)
+    assert _max_rel(fm, em) < 1e-5
+    bn_model = Checkpointed(batchnorm=True)
+    opt = ImbSAM(bn_model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=bn_model, **KW)
+    for x, y in vector_batches(3, seed=5):
+        y[0] = 9
+        out = opt.step(_closure(bn_model, x, y), y)
+        assert torch.isfinite(out.perturbed_tail)
+    assert all(torch.isfinite(p).all() for p in bn_model.parameters())
+
+
+def test_fast_mode_needs_the_model_and_bn_stats_is_validated():
+    with pytest.raises(ValueError, match="model="):
+        ImbSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, mode="fast")
+    with pytest.raises(ValueError, match="bn_stats"):
+        ImbSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, bn_stats="never")
+    with pytest.raises(ValueError, match="model="):
+        ImbSAM(mlp().parameters(), torch.optim.SGD, lr=0.1, bn_stats="first")
+
+
+def test_exact_mode_bn_stats_first_updates_running_stats_once():
+    torch.manual_seed(0)
+    model = small_cnn()
+    probe = copy.deepcopy(model)
+    ref = copy.deepcopy(model)
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, model=model, bn_stats="first", **KW)
+    ref_opt = ImbSAM(ref.parameters(), torch.optim.SGD, tail_mask=TAIL, **KW)
+    x, y = image_batches(1)[0]
+    opt.step(_closure(model, x, y), y)
+    ref_opt.step(_closure(ref, x, y), y)
+    with torch.no_grad():
+        probe(x)
+    for (n, a), (_, b), (_, c) in zip(model.named_buffers(), probe.named_buffers(), ref.named_buffers()):
+        assert torch.equal(a, b), n
+        if n.endswith("num_batches_tracked"):
+            assert c == 2 * b  # the reference behaviour counts both forwards
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)  # same update: only the buffers differ
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_index_on_cpu_with_data_on_cuda():
+    torch.manual_seed(0)
+    model = mlp().cuda()
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, **KW)
+    x, y = vector_batches(1)[0]
+    y[0] = 9
+    xc, yc = x.cuda(), y.cuda()
+
+    def closure(index=None):
+        if index is None:
+            return F.cross_entropy(model(xc), yc, reduction="none")
+        assert index.device.type == "cpu"
+        return F.cross_entropy(model(xc[index]), yc[index], reduction="none")
+
+    out = opt.step(closure, y)  # targets on the CPU: no device sync for the tail count
+    assert torch.isfinite(out.perturbed_tail)
