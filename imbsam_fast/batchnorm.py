@@ -52,19 +52,41 @@ class BatchNormStats:
 
     @contextmanager
     def record(self) -> Iterator[None]:
-        """Within: each training-mode layer stores the batch mean and biased variance of its input."""
-        self._stats = {}
+        """Within: each training-mode layer stores the batch mean and biased variance of its input.
 
-        def hook(module: _BatchNorm, args: tuple[Tensor, ...]) -> None:
+        Layers that track running statistics with a momentum give them back
+        for free: ``r_new = (1 - m) r_old + m * s`` solves for the batch
+        statistic ``s`` (the running variance holds the unbiased one, rescaled
+        by ``(n - 1) / n``). Other layers compute them from the input.
+        """
+        self._stats = {}
+        before: dict[_BatchNorm, tuple[Tensor, Tensor]] = {}
+
+        def pre_hook(module: _BatchNorm, args: tuple[Tensor, ...]) -> None:
             if not module.training:
                 return
+            if _derivable(module):
+                before[module] = (module.running_mean.clone(), module.running_var.clone())
+                return
             x = args[0]
-            dims = [0] + list(range(2, x.dim()))
             with torch.no_grad():
-                var, mean = torch.var_mean(x, dim=dims, correction=0)
+                var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
             self._stats.setdefault(module, []).append((mean, var))
 
-        handles = [m.register_forward_pre_hook(hook) for m in self.layers]
+        def post_hook(module: _BatchNorm, args: tuple[Tensor, ...], output: Tensor) -> None:
+            old = before.pop(module, None)
+            if old is None:
+                return
+            x = args[0]
+            n = x.numel() // x.shape[1]
+            m = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
+            with torch.no_grad():
+                mean = (module.running_mean - (1.0 - m) * old[0]) / m
+                var = (module.running_var - (1.0 - m) * old[1]) / m * ((n - 1) / n)
+            self._stats.setdefault(module, []).append((mean, var.clamp_min(0.0)))
+
+        handles = [m.register_forward_pre_hook(pre_hook) for m in self.layers]
+        handles += [m.register_forward_hook(post_hook) for m in self.layers]
         try:
             yield
         finally:
@@ -103,6 +125,15 @@ class BatchNormStats:
         finally:
             for m in frozen:
                 m.track_running_stats = True
+
+
+def _derivable(module: _BatchNorm) -> bool:
+    """Whether the batch statistics can be solved from the running-statistics update."""
+    if not module.track_running_stats or module.running_mean is None or module.running_var is None:
+        return False
+    if module.momentum is None:
+        return module.num_batches_tracked is not None
+    return module.momentum > 0
 
 
 def _replaying_forward(module: _BatchNorm, stats: list[tuple[Tensor, Tensor]]):

@@ -370,14 +370,14 @@ class ImbSAM(Optimizer):
         """
         batch = targets.shape[0]
         denom = max(batch, 1)
-        with self._bn.record():
+        # The tail passes are sized by the number of tail samples: reading it is one
+        # host sync per step when the targets live on an accelerator (none on the CPU).
+        index = torch.nonzero(tail_w).squeeze(1) if self._has_tail else tail_w.new_zeros(0, dtype=torch.long)
+        with self._bn.record() if index.numel() else nullcontext():
             losses = self._run_closure(closure, batch)
         head = _weighted_sum(head_w, losses, denom)
         tail = _weighted_sum(tail_w, losses.detach(), denom)
         self.zero_grad(set_to_none=True)
-        # The tail passes are sized by the number of tail samples: reading it is one
-        # host sync per step when the targets live on an accelerator (none on the CPU).
-        index = torch.nonzero(tail_w).squeeze(1) if self._has_tail else tail_w.new_zeros(0, dtype=torch.long)
         if index.numel() == 0:
             head.backward()
             self._plain_step()

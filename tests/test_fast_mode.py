@@ -254,3 +254,23 @@ def test_index_on_cpu_with_data_on_cuda():
 
     out = opt.step(closure, y)  # targets on the CPU: no device sync for the tail count
     assert torch.isfinite(out.perturbed_tail)
+
+
+@pytest.mark.parametrize("momentum,track", [(0.1, True), (None, True), (1.0, True), (0.1, False)])
+def test_recorded_statistics_match_the_batch(momentum, track):
+    """Solved from the running-statistics update where possible, computed from the input otherwise."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4, momentum=momentum, track_running_stats=track)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1) if track else None
+        bn.running_var.uniform_(0.5, 2) if track else None
+    if track:
+        bn.num_batches_tracked += 3
+    stats = BatchNormStats(bn)
+    x = torch.randn(6, 4, 5, 5) * 2 + 0.5
+    with stats.record():
+        bn(x)
+    mean, var = stats._stats[bn][0]
+    ref_var, ref_mean = torch.var_mean(x, dim=[0, 2, 3], correction=0)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(var, ref_var, rtol=1e-4, atol=1e-5)
