@@ -47,8 +47,9 @@ class BatchNormStats:
         self.layers = batchnorm_layers(model)
         self._stats: dict[_BatchNorm, list[tuple[Tensor, Tensor]]] = {}
 
-    def __bool__(self) -> bool:
-        return bool(self.layers)
+    def active(self) -> bool:
+        """Whether any BatchNorm layer is in training mode (eval-mode layers need no handling)."""
+        return any(m.training for m in self.layers)
 
     @contextmanager
     def record(self) -> Iterator[None]:

@@ -32,6 +32,7 @@ __all__ = ["ImbSAM", "StepLosses"]
 
 MODES = ("exact", "fast")
 BN_STATS = ("reference", "first")
+FAST_BN = ("ghost", "replay")
 NONFINITE = ("skip", "raise", "none")
 
 _IDLE, _STASHED, _PERTURBED = "idle", "head gradient stashed", "weights perturbed"
@@ -65,9 +66,15 @@ class ImbSAM(Optimizer):
             the head, and the tail gradient at w and at w + e on the tail
             samples only (``closure(index)``); a batch with no tail sample takes
             a plain step. Needs ``model``.
-        model: the module the closure runs. Fast mode replays the full forward's
-            BatchNorm batch statistics in its tail passes and keeps running
-            statistics still there (``imbsam_fast.batchnorm``).
+        model: the module the closure runs; fast mode handles its BatchNorm
+            layers in the tail passes (``imbsam_fast.batchnorm``).
+        fast_bn: how fast mode's tail passes treat BatchNorm layers in training
+            mode: ``"ghost"`` adds ``ghost_batch`` random head samples (weight 0)
+            so that the layers normalize with, and differentiate through, the
+            statistics of a real batch; ``"replay"`` uses the full forward's
+            statistics as constants (cheaper; measured to lose accuracy, see
+            ``benchmarks/RESULTS.md``). Running statistics never move in tail passes.
+        ghost_batch: head samples added to each tail pass with ``fast_bn="ghost"``.
         bn_stats: exact mode only: ``"reference"`` (BatchNorm running statistics
             update in both forwards, as the public code does) or ``"first"``
             (only the first forward updates them, the common SAM fix).
@@ -94,6 +101,8 @@ class ImbSAM(Optimizer):
         ignore_index: int = -100,
         model: Optional[nn.Module] = None,
         bn_stats: str = "reference",
+        fast_bn: str = "ghost",
+        ghost_batch: int = 8,
         **base_kwargs: Any,
     ) -> None:
         if not rho >= 0.0:
@@ -105,6 +114,10 @@ class ImbSAM(Optimizer):
                 "mode='fast' needs model=<the module the closure runs>, to handle its BatchNorm layers in the "
                 "tail-only passes"
             )
+        if fast_bn not in FAST_BN:
+            raise ValueError(f"fast_bn must be one of {', '.join(FAST_BN)}, got {fast_bn!r}")
+        if not isinstance(ghost_batch, int) or ghost_batch < 0:
+            raise ValueError(f"ghost_batch must be a non-negative int, got {ghost_batch!r}")
         if bn_stats not in BN_STATS:
             raise ValueError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
         if bn_stats == "first" and model is None:
@@ -151,6 +164,8 @@ class ImbSAM(Optimizer):
             self._has_head = bool((self.class_weights.head != 0).any())
             self._has_tail = bool((self.class_weights.tail != 0).any())
         self.bn_stats = bn_stats
+        self.fast_bn = fast_bn
+        self.ghost_batch = ghost_batch
         self._bn = BatchNormStats(model if model is not None else nn.Module())
         self.nonfinite = nonfinite
         self.ignore_index = ignore_index
@@ -365,15 +380,20 @@ class ImbSAM(Optimizer):
     ) -> StepLosses:
         """One full-batch pass for the head; the tail gradient at w and at w + e from the tail samples only.
 
-        BatchNorm layers replay the full forward's batch statistics in the tail
-        passes and leave their running statistics alone (see ``batchnorm.py``).
+        With BatchNorm layers in training mode the tail passes see either a
+        ghost batch (``fast_bn="ghost"``: the tail samples plus ``ghost_batch``
+        random head samples of zero weight, normalized by their own batch
+        statistics, so that gradients flow through the statistics as in a full
+        batch) or the full forward's replayed statistics (``fast_bn="replay"``).
+        Running statistics move only in the full forward. See ``batchnorm.py``.
         """
         batch = targets.shape[0]
         denom = max(batch, 1)
         # The tail passes are sized by the number of tail samples: reading it is one
         # host sync per step when the targets live on an accelerator (none on the CPU).
         index = torch.nonzero(tail_w).squeeze(1) if self._has_tail else tail_w.new_zeros(0, dtype=torch.long)
-        with self._bn.record() if index.numel() else nullcontext():
+        replay = index.numel() > 0 and self.fast_bn == "replay" and self._bn.active()
+        with self._bn.record() if replay else nullcontext():
             losses = self._run_closure(closure, batch)
         head = _weighted_sum(head_w, losses, denom)
         tail = _weighted_sum(tail_w, losses.detach(), denom)
@@ -385,9 +405,14 @@ class ImbSAM(Optimizer):
         if self._has_head:
             head.backward()
         self.first_step()
+        if self.fast_bn == "ghost" and self._bn.active():
+            index = self._with_ghosts(index, tail_w)
+            bn_context = self._bn.freeze_running_stats
+        else:
+            bn_context = self._bn.replay
         tail_w_idx = tail_w[index]
         try:
-            with self._bn.replay():
+            with bn_context():
                 tail_losses = self._run_closure(closure, batch, index)
                 _weighted_sum(tail_w_idx, tail_losses, denom).backward()
         except BaseException:
@@ -395,7 +420,7 @@ class ImbSAM(Optimizer):
             raise
         self.second_step()
         try:
-            with self._bn.replay():
+            with bn_context():
                 losses2 = self._run_closure(closure, batch, index)
                 tail2 = _weighted_sum(tail_w_idx, losses2, denom)
                 tail2.backward()
@@ -404,6 +429,15 @@ class ImbSAM(Optimizer):
             raise
         self.third_step()
         return StepLosses(head.detach(), tail, tail2.detach(), losses.detach())
+
+    def _with_ghosts(self, index: Tensor, tail_w: Tensor) -> Tensor:
+        """``index`` plus up to ``ghost_batch`` head samples drawn at random (torch's global RNG), sorted."""
+        others = torch.nonzero(tail_w == 0).squeeze(1)
+        k = min(self.ghost_batch, others.numel())
+        if k == 0:
+            return index
+        pick = others[torch.randperm(others.numel(), device=others.device)[:k]]
+        return torch.cat([index, pick]).sort().values
 
     @torch.no_grad()
     def _plain_step(self) -> None:

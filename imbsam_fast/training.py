@@ -16,7 +16,7 @@ from .priors import ClassWeights, plain_weights, sam_weights, split_classes, tai
 
 __all__ = ["RunResult", "train_classifier", "split_accuracy", "OPTIMIZERS"]
 
-OPTIMIZERS = ("sgd", "sam", "imbsam")
+OPTIMIZERS = ("sgd", "sam", "imbsam", "imbsam-fast")
 
 
 @dataclass
@@ -51,7 +51,7 @@ def _class_weights(name: str, num_classes: int) -> Optional[ClassWeights]:
         return plain_weights(c)
     if name == "sam":
         return sam_weights(c)
-    if name == "imbsam":
+    if name in ("imbsam", "imbsam-fast"):
         return None  # ImbSAM builds the preset from the tail mask
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
@@ -78,10 +78,11 @@ def train_classifier(
     many: float = 100,
     few: float = 20,
 ) -> RunResult:
-    """Train one model with ``optimizer`` in {sgd, sam, imbsam}, cosine LR, and evaluate per class.
+    """Train one model with ``optimizer`` in {sgd, sam, imbsam, imbsam-fast}, cosine LR; evaluate per class.
 
-    sgd takes one plain step per batch; sam and imbsam run through :class:`ImbSAM`
-    with the matching class-weight preset (SAM: every class perturbed).
+    sgd takes one plain step per batch; the others run through :class:`ImbSAM`
+    with the matching class-weight preset (SAM: every class perturbed);
+    imbsam-fast is ImbSAM in fast mode.
     """
     torch.manual_seed(seed)
     model = model_fn().to(device)
@@ -92,7 +93,9 @@ def train_classifier(
     else:
         weights = _class_weights(optimizer, len(class_counts))
         mask = tail_class_mask(class_counts, eta) if weights is None else weights
-        opt = ImbSAM(model.parameters(), torch.optim.SGD, rho=rho, tail_mask=mask, tail_weight=tail_weight, **sgd_kw)
+        fast = dict(mode="fast", model=model) if optimizer == "imbsam-fast" else {}
+        opt = ImbSAM(model.parameters(), torch.optim.SGD, rho=rho, tail_mask=mask, tail_weight=tail_weight,
+                     **fast, **sgd_kw)
     steps_per_epoch = max(1, math.ceil(len(y_train) / batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
@@ -113,7 +116,7 @@ def train_classifier(
                 opt.step()
                 losses.append(loss.detach())
             else:
-                out = opt.step(lambda index=None, x=x, y=y: F.cross_entropy(model(x), y, reduction="none"), y)
+                out = opt.step(_closure(model, x, y), y)
                 losses.append(out.per_sample.mean())
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -123,6 +126,18 @@ def train_classifier(
     per_class, splits = evaluate(model, x_test, y_test, class_counts, device, many, few)
     return RunResult(optimizer, seed, per_class, splits, step_time / max(steps, 1), steps,
                      [float(v) for v in torch.stack(losses).cpu()] if losses else [])
+
+
+def _closure(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """Per-sample cross-entropy of the batch, or of the samples ``index`` picks."""
+
+    def closure(index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if index is None:
+            return F.cross_entropy(model(x), y, reduction="none")
+        index = index.to(x.device)
+        return F.cross_entropy(model(x[index]), y[index], reduction="none")
+
+    return closure
 
 
 @torch.no_grad()

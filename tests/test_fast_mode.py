@@ -274,3 +274,37 @@ def test_recorded_statistics_match_the_batch(momentum, track):
     ref_var, ref_mean = torch.var_mean(x, dim=[0, 2, 3], correction=0)
     torch.testing.assert_close(mean, ref_mean, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(var, ref_var, rtol=1e-4, atol=1e-5)
+
+
+def test_ghost_batch_joins_the_tail_passes_of_batchnorm_models():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, ghost_batch=5, **KW)
+    x, y = vector_batches(1)[0]
+    y = y % 7
+    y[[2, 11]] = 9
+    calls = []
+    opt.step(_closure(model, x, y, calls), y)
+    for idx in calls[1:]:
+        assert idx.numel() == 7 and {2, 11} <= set(idx.tolist())
+        assert torch.equal(idx, idx.sort().values)
+
+
+@pytest.mark.parametrize("fast_bn", ["ghost", "replay"])
+def test_both_batchnorm_treatments_keep_running_stats_and_train(fast_bn):
+    torch.manual_seed(0)
+    model = small_cnn()
+    probe = copy.deepcopy(model)
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, fast_bn=fast_bn, **KW)
+    x, y = image_batches(1)[0]
+    y[:3] = torch.tensor([7, 8, 9])
+    out = opt.step(_closure(model, x, y), y)
+    assert torch.isfinite(out.perturbed_tail)
+    with torch.no_grad():
+        probe(x)
+    for (n, a), (_, b) in zip(model.named_buffers(), probe.named_buffers()):
+        assert torch.equal(a, b), n
+    with pytest.raises(ValueError, match="fast_bn"):
+        ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1, mode="fast", model=model, fast_bn="none")
+    with pytest.raises(ValueError, match="ghost_batch"):
+        ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1, mode="fast", model=model, ghost_batch=-1)

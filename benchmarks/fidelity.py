@@ -1,0 +1,107 @@
+"""How close fast mode's update stays to exact mode's on a BatchNorm ResNet-32.
+
+Along one exact-mode training run (ResNet-32, batch 64, CIFAR-100-LT labels,
+random 32x32 inputs, SGD momentum 0.9), at every step with at least one tail
+sample the exact and the fast update are computed from the same state, and
+their cosine similarity is recorded: for the whole update, and for its tail
+part (the update minus the plain head-only update from that state).
+
+    python benchmarks/fidelity.py [--steps 40] [--eta 20 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from step_time import cifar100_lt_batches  # noqa: E402
+
+from imbsam_fast import ImbSAM  # noqa: E402
+from imbsam_fast.models import resnet32  # noqa: E402
+
+KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+VARIANTS = {"fast (ghost 8)": dict(ghost_batch=8), "fast (ghost 16)": dict(ghost_batch=16),
+            "fast (replay)": dict(fast_bn="replay")}
+
+
+def _closure(model, x, y):
+    return lambda index=None: F.cross_entropy(model(x if index is None else x[index]),
+                                              y if index is None else y[index], reduction="none")
+
+
+def _flat_update(model, start):
+    return torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), start.parameters())])
+
+
+def _one_step(model, opt_state, mask, x, y, **kw):
+    m = copy.deepcopy(model)
+    opt = ImbSAM(m.parameters(), torch.optim.SGD, tail_mask=mask, **KW, **kw, **({"model": m} if kw else {}))
+    opt.load_state_dict(copy.deepcopy(opt_state))
+    opt.step(_closure(m, x, y), y)
+    return m
+
+
+def _head_only(model, opt_state, mask, x, y):
+    m = copy.deepcopy(model)
+    sgd = torch.optim.SGD(m.parameters(), **KW)
+    state = copy.deepcopy(opt_state)
+    state.pop("imbsam", None)
+    sgd.load_state_dict(state)
+    losses = F.cross_entropy(m(x), y, reduction="none")
+    sgd.zero_grad()
+    ((losses * (~mask[y]).float()).sum() / len(y)).backward()
+    sgd.step()
+    return m
+
+
+def run(eta: float, steps: int):
+    torch.manual_seed(0)
+    batches, mask = cifar100_lt_batches(steps, 64, eta, torch.device("cpu"), seed=1)
+    model = resnet32()
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=mask, **KW)
+    cos = {k: ([], []) for k in VARIANTS}
+    for x, y in batches:
+        if mask[y].any():
+            state = opt.state_dict()
+            head = _flat_update(_head_only(model, state, mask, x, y), model)
+            torch.manual_seed(len(cos["fast (replay)"][0]))
+            exact = _flat_update(_one_step(model, state, mask, x, y), model)
+            for name, kw in VARIANTS.items():
+                fast = _flat_update(_one_step(model, state, mask, x, y, mode="fast", **kw), model)
+                cos[name][0].append(F.cosine_similarity(exact, fast, dim=0).item())
+                cos[name][1].append(F.cosine_similarity(exact - head, fast - head, dim=0).item())
+        opt.step(_closure(model, x, y), y)
+    return cos
+
+
+def _summary(v):
+    q = statistics.quantiles(v, n=10, method="inclusive") if len(v) > 1 else [v[0]] * 9
+    return f"{min(v):.4f} {q[0]:.4f} {statistics.median(v):.4f} {statistics.mean(v):.4f} {max(v):.4f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--eta", type=float, nargs="+", default=[20, 100])
+    args = ap.parse_args(argv)
+    print("# cosine similarity of fast-mode vs exact-mode updates, BatchNorm ResNet-32 (min p10 median mean max)")
+    for eta in args.eta:
+        cos = run(eta, args.steps)
+        n = len(next(iter(cos.values()))[0])
+        print(f"\neta={eta:g}: {n} of {args.steps} steps had tail samples")
+        print(f"{'variant':<18}{'whole update':>40}   {'tail part':>40}")
+        for name, (whole, tail) in cos.items():
+            print(f"{name:<18}{_summary(whole):>40}   {_summary(tail):>40}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
