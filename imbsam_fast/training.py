@@ -77,6 +77,7 @@ def train_classifier(
     device: str = "cpu",
     many: float = 100,
     few: float = 20,
+    fast_bn: str = "ghost",
 ) -> RunResult:
     """Train one model with ``optimizer`` in {sgd, sam, imbsam, imbsam-fast}, cosine LR; evaluate per class.
 
@@ -93,7 +94,7 @@ def train_classifier(
     else:
         weights = _class_weights(optimizer, len(class_counts))
         mask = tail_class_mask(class_counts, eta) if weights is None else weights
-        fast = dict(mode="fast", model=model) if optimizer == "imbsam-fast" else {}
+        fast = dict(mode="fast", model=model, fast_bn=fast_bn) if optimizer == "imbsam-fast" else {}
         opt = ImbSAM(model.parameters(), torch.optim.SGD, rho=rho, tail_mask=mask, tail_weight=tail_weight,
                      **fast, **sgd_kw)
     steps_per_epoch = max(1, math.ceil(len(y_train) / batch_size))
