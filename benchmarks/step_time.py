@@ -48,10 +48,10 @@ def cifar100_lt_batches(n: int, batch: int, eta: float, device, seed: int = 0):
     return out, tail_class_mask(counts, eta)
 
 
-def make_steppers(device, tail_mask):
+def make_steppers(device, tail_mask, norm: str = "batch"):
     torch.manual_seed(0)
-    base = resnet32().to(device)
-    models = {m: resnet32().to(device) for m in METHODS}
+    base = resnet32(norm=norm).to(device)
+    models = {m: resnet32(norm=norm).to(device) for m in METHODS}
     for m in models.values():
         m.load_state_dict(base.state_dict())
     opts = {
@@ -83,9 +83,9 @@ def make_steppers(device, tail_mask):
     return step
 
 
-def run(eta: float, reps: int, device, warmup: int = 2):
+def run(eta: float, reps: int, device, warmup: int = 2, norm: str = "batch"):
     batches, tail_mask = cifar100_lt_batches(reps + warmup, 64, eta, device)
-    step = make_steppers(device, tail_mask)
+    step = make_steppers(device, tail_mask, norm)
     times = {m: [] for m in METHODS}
     tails = []
     for i, (x, y) in enumerate(batches):
@@ -108,13 +108,14 @@ def main(argv=None) -> int:
     ap.add_argument("--eta", type=float, nargs="+", default=[20, 100])
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--norm", default="batch", choices=["batch", "group"], help="ResNet-32's normalization layers")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine())
-    print(f"# ResNet-32, 32x32, batch 64, CIFAR-100-LT labels; {device.type} ({name}), "
+    print(f"# ResNet-32 ({args.norm} norm), 32x32, batch 64, CIFAR-100-LT labels; {device.type} ({name}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; median of {args.reps} interleaved steps")
     for eta in args.eta:
-        med, tails, _ = run(eta, args.reps, device)
+        med, tails, _ = run(eta, args.reps, device, norm=args.norm)
         frac = sum(tails) / (64 * len(tails))
         none = sum(t == 0 for t in tails)
         print(f"\neta={eta:g}: tail samples per batch {statistics.mean(tails):.1f} ({frac:.1%}), "

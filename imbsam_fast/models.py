@@ -23,13 +23,21 @@ def digits_cnn(num_classes: int = 10, width: int = 16, in_channels: int = 1) -> 
     )
 
 
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(4, channels)
+    raise ValueError(f"norm must be 'batch' or 'group', got {kind!r}")
+
+
 class _BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, norm: str) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = _norm(norm, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = _norm(norm, cout)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = _PadShortcut(cout - cin)
@@ -53,13 +61,16 @@ class _PadShortcut(nn.Module):
         return nn.functional.pad(x, (0, 0, 0, 0, pad, self.extra - pad))
 
 
-def resnet32(num_classes: int = 100, width: int = 16) -> nn.Module:
-    """CIFAR ResNet-32 (He et al. 2016): 3 stages of 5 basic blocks, widths 16/32/64, 0.47M parameters."""
-    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+def resnet32(num_classes: int = 100, width: int = 16, norm: str = "batch") -> nn.Module:
+    """CIFAR ResNet-32 (He et al. 2016): 3 stages of 5 basic blocks, widths 16/32/64, 0.47M parameters.
+
+    ``norm="group"`` swaps BatchNorm for GroupNorm (4 groups), a model with no batch coupling.
+    """
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False), _norm(norm, width), nn.ReLU()]
     cin = width
     for stage, w in enumerate((width, 2 * width, 4 * width)):
         for block in range(5):
-            layers.append(_BasicBlock(cin, w, 2 if stage > 0 and block == 0 else 1))
+            layers.append(_BasicBlock(cin, w, 2 if stage > 0 and block == 0 else 1, norm))
             cin = w
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
     return nn.Sequential(*layers)
