@@ -24,6 +24,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/optimizer_overhead.py
+	$(PY) benchmarks/step_time.py
+	$(PY) benchmarks/fidelity.py
+	$(PY) benchmarks/digits_accuracy.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

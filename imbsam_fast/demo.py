@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         rows[name] = runs
     sgd_time = statistics.median(r.step_time for r in rows["sgd"])
-    print(f"\n{'optimizer':<10}{'Many':>14}{'Medium':>14}{'Few':>14}{'All':>14}{'step/SGD':>10}")
+    print(f"\n{'optimizer':<12}{'Many':>14}{'Medium':>14}{'Few':>14}{'All':>14}{'step/SGD':>10}")
     for name, runs in rows.items():
         cells = []
         for key in ("many", "medium", "few", "all"):
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.mean(vals):6.1f} ± {sd:4.1f}")
         ratio = statistics.median(r.step_time for r in runs) / sgd_time
-        print(f"{name:<10}" + "".join(f"{c:>14}" for c in cells) + f"{ratio:>9.2f}x")
+        print(f"{name:<12}" + "".join(f"{c:>14}" for c in cells) + f"{ratio:>9.2f}x")
     print(f"\n{args.seeds} seeds, {args.epochs} epochs, batch 64, mean ± std of test accuracy (%)")
     return 0
 
