@@ -39,13 +39,12 @@ setup(
     python_requires=">=3.9",
     packages=["imbsam_fast", "imbsam_fast.backends", "imbsam_fast.data", "imbsam_fast.kernels"],
     package_dir={"imbsam_fast.kernels": "kernels"},
-    install_requires=["torch>=2.11", "numpy"],
+    install_requires=["torch>=2.11", "numpy", "scikit-learn>=1.2", "tqdm", "matplotlib", "pillow"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "data": ["scikit-learn>=1.2"],
-        "test": ["triton>=3.2", "scikit-learn>=1.2", "pytest>=7", "pytest-benchmark>=4", "ruff>=0.5"],
+        "test": ["triton>=3.2", "pytest>=7", "pytest-benchmark>=4", "ruff>=0.5"],
     },
-    entry_points={"console_scripts": ["imbsam-fast-demo=imbsam_fast.demo:main"]},
+    entry_points={"console_scripts": ["imbsam-fast=imbsam_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

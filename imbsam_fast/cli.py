@@ -1,0 +1,330 @@
+"""The ``imbsam-fast`` command: ``train``, ``anomaly`` and ``bench``.
+
+Bad input gets one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["main"]
+
+DATASETS = ("digits", "cifar10", "cifar100", "list")
+CIFAR_MEAN_STD = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
+
+
+class UsageError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="first seed (runs use seed, seed+1, ...)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward passes (CUDA only)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, only the final table")
+    p.add_argument("--out", default="runs", help="folder for the JSON result and the plot")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .anomaly import ANOMALY_OPTIMIZERS
+    from .lt_losses import LOSSES
+    from .training import OPTIMIZERS
+
+    ap = argparse.ArgumentParser(prog="imbsam-fast", description="ImbSAM for long-tailed training: train, detect "
+                                 "anomalies, benchmark.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="compare optimizers on a long-tailed dataset over seeds",
+                       description="Train one model per optimizer and seed on a long-tailed dataset; print Many / "
+                       "Medium / Few / All accuracy (mean ± std) and the step time relative to SGD; write a JSON "
+                       "result and a per-class accuracy plot.")
+    t.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default: digits)")
+    t.add_argument("--data-dir", help="folder with the CIFAR python pickles, or the image root for --dataset list")
+    t.add_argument("--train-list", help="list file ('path label' per line) for --dataset list")
+    t.add_argument("--test-list", help="list file for --dataset list")
+    t.add_argument("--image-size", type=int, default=32, help="image side for --dataset list")
+    t.add_argument("--imbalance", type=float, default=None,
+                   help="n_max / n_min of the training set (default: 50 for digits, 100 for CIFAR)")
+    t.add_argument("--optimizers", default="sgd,sam,imbsam,imbsam-fast,focal-sam",
+                   help=f"comma-separated, from {', '.join(OPTIMIZERS)}")
+    t.add_argument("--loss", default="ce", help=f"one of {', '.join(LOSSES)}")
+    t.add_argument("--drw-epoch", type=int, default=None, help="deferred re-weighting from this epoch (ldam)")
+    t.add_argument("--seeds", type=int, default=3)
+    t.add_argument("--epochs", type=int, default=None, help="default: 40 for digits, 200 for CIFAR, 90 for lists")
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=None, help="default: 0.05 (digits), 0.1 (others)")
+    t.add_argument("--rho", type=float, default=0.05)
+    t.add_argument("--eta", type=float, default=20, help="a class is tail when it has fewer training samples")
+    t.add_argument("--tail-weight", type=float, default=2.0)
+    t.add_argument("--many", type=float, default=100, help="Many: more than this many training samples")
+    t.add_argument("--few", type=float, default=20, help="Few: fewer than this many training samples")
+    _common(t)
+
+    a = sub.add_parser("anomaly", help="Deep SAD style anomaly detection with SGD, SAM and ImbSAM",
+                       description="Semi-supervised anomaly detection on digits: one class normal, the rest "
+                       "anomalies, a few of them labeled. ImbSAM perturbs the labeled-anomaly term only. Prints "
+                       "AUROC (mean ± std over seeds).")
+    a.add_argument("--normal-class", type=int, default=0)
+    a.add_argument("--labeled-ratio", type=float, default=0.05, help="labeled anomalies per normal training image")
+    a.add_argument("--pollution", type=float, default=0.1, help="unlabeled anomalies per normal training image")
+    a.add_argument("--optimizers", default=",".join(ANOMALY_OPTIMIZERS))
+    a.add_argument("--seeds", type=int, default=5)
+    a.add_argument("--epochs", type=int, default=30)
+    a.add_argument("--eta", type=float, default=1.0, help="weight of the anomaly term eta / (d + eps)")
+    _common(a)
+
+    b = sub.add_parser("bench", help="run the benchmark suites and summarize them",
+                       description="Optimizer-side time and end-to-end step ratios on this machine, and the Triton "
+                       "kernel benchmarks when a GPU is present. Prints one table; writes JSON and Markdown.")
+    b.add_argument("--reps", type=int, default=5, help="repeats per measurement")
+    b.add_argument("--skip-step-time", action="store_true", help="only the optimizer-side benchmark")
+    _common(b)
+    return ap
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} asked for, but no CUDA device is available")
+        return name
+    if name == "cpu":
+        return name
+    raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+
+
+def _names(spec: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise UsageError(f"unknown {what} {', '.join(bad) or '(none given)'}; choose from {', '.join(allowed)}")
+    return names
+
+
+def _load_split(args):
+    from .data.cifar import cifar_lt
+    from .data.digits import long_tailed_digits
+    from .data.list_file import list_file_split
+
+    if args.dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if args.imbalance is not None and args.imbalance < 1:
+        raise UsageError(f"--imbalance must be >= 1, got {args.imbalance:g}")
+    if args.dataset == "digits":
+        return long_tailed_digits(args.imbalance or 50.0, seed=args.seed)
+    if not args.data_dir:
+        raise UsageError(f"--dataset {args.dataset} needs --data-dir")
+    if not Path(args.data_dir).is_dir():
+        raise UsageError(f"--data-dir {args.data_dir} does not exist")
+    if args.dataset in ("cifar10", "cifar100"):
+        return cifar_lt(args.dataset, args.data_dir, args.imbalance or 100.0, seed=args.seed)
+    if not args.train_list or not args.test_list:
+        raise UsageError("--dataset list needs --train-list and --test-list")
+    return list_file_split(args.data_dir, args.train_list, args.test_list, args.image_size)
+
+
+def _mean_std(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):5.1f} ± {sd:4.1f}"
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .lt_losses import LOSSES
+    from .models import digits_cnn, resnet32
+    from .priors import tail_class_mask
+    from .training import OPTIMIZERS, TrainConfig, random_crop_flip, train_on_split
+
+    optimizers = _names(args.optimizers, OPTIMIZERS, "optimizer")
+    if args.loss not in LOSSES:
+        raise UsageError(f"unknown loss {args.loss!r}; choose one of {', '.join(LOSSES)}")
+    if args.seeds < 1 or (args.epochs is not None and args.epochs < 1):
+        raise UsageError("--seeds and --epochs must be >= 1")
+    device = _device(args.device)
+    split = _load_split(args)
+    counts = split.class_counts
+    tail = tail_class_mask(counts, args.eta)
+    if not tail.any():
+        print(f"imbsam-fast: warning: eta={args.eta:g} leaves no tail class (smallest class has {min(counts)} "
+              "samples): ImbSAM reduces to plain training", file=sys.stderr)
+    small = args.dataset == "digits"
+    cfg = TrainConfig(
+        epochs=args.epochs or (40 if small else 200 if args.dataset.startswith("cifar") else 90),
+        batch_size=args.batch_size, lr=args.lr or (0.05 if small else 0.1), rho=args.rho, eta=args.eta,
+        tail_weight=args.tail_weight, loss=args.loss, drw_epoch=args.drw_epoch, many=args.many, few=args.few,
+        device=device, bf16=args.bf16 and device.startswith("cuda"), progress=not args.quiet,
+        augment=None if small else random_crop_flip,
+        normalize=CIFAR_MEAN_STD if args.dataset.startswith("cifar") else None,
+    )
+    num_classes = len(counts)
+    model_fn = (lambda: digits_cnn(num_classes)) if small else (lambda: resnet32(num_classes))
+    if not args.quiet:
+        print(f"{args.dataset}: {len(split.y_train)} training samples in {num_classes} classes "
+              f"(counts {max(counts)} .. {min(counts)}), {len(split.y_test)} test; {int(tail.sum())} tail classes "
+              f"(eta {args.eta:g}); {device}", file=sys.stderr)
+    results = {name: [train_on_split(name, model_fn, split, cfg, seed=args.seed + s) for s in range(args.seeds)]
+               for name in optimizers}
+    base = "sgd" if "sgd" in results else optimizers[0]
+    base_time = statistics.median(r.step_time for r in results[base])
+    header = f"{'optimizer':<12}{'Many':>14}{'Medium':>14}{'Few':>14}{'All':>14}{'step/' + base:>12}"
+    lines = [header]
+    for name, runs in results.items():
+        cells = [_mean_std([r.splits[k] for r in runs]) for k in ("many", "medium", "few", "all")]
+        ratio = statistics.median(r.step_time for r in runs) / base_time
+        lines.append(f"{name:<12}" + "".join(f"{c:>14}" for c in cells) + f"{ratio:>11.2f}x")
+    lines.append(f"{args.seeds} seeds, {cfg.epochs} epochs, batch {cfg.batch_size}, loss {cfg.loss}; test accuracy (%) "
+                 f"mean ± std; splits: Many > {args.many:g}, Medium {args.few:g}..{args.many:g}, Few < {args.few:g}")
+    print("\n".join(lines))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"train_{args.dataset}"
+    payload = dict(
+        command="train", dataset=args.dataset, class_counts=counts, tail_classes=tail.nonzero().flatten().tolist(),
+        config={k: v for k, v in vars(cfg).items() if k not in ("augment",)}, device=device,
+        date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
+        results={name: [vars(r) for r in runs] for name, runs in results.items()},
+    )
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    _plot(results, counts, out / f"{stem}.png", args.dataset)
+    if not args.quiet:
+        print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}", file=sys.stderr)
+    return 0
+
+
+def _plot(results, counts: list[int], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(range(len(counts)), key=lambda k: -counts[k])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, runs in results.items():
+        acc = [statistics.mean(r.per_class[k] for r in runs) for k in order]
+        ax.plot([counts[k] for k in order], acc, marker="o", ms=3, label=name)
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("training samples of the class (log scale)")
+    ax.set_ylabel("test accuracy of the class (%)")
+    ax.set_title(f"{title}: per-class accuracy, mean over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_anomaly(args) -> int:
+    from .anomaly import ANOMALY_OPTIMIZERS, digits_anomaly_split, train_deep_sad
+
+    optimizers = _names(args.optimizers, ANOMALY_OPTIMIZERS, "optimizer")
+    device = _device(args.device)
+    if not 0 <= args.normal_class <= 9:
+        raise UsageError(f"--normal-class must lie in 0..9, got {args.normal_class}")
+    if not 0 < args.labeled_ratio <= 1:
+        raise UsageError(f"--labeled-ratio must lie in (0, 1], got {args.labeled_ratio:g}")
+    if args.pollution < 0 or args.seeds < 1 or args.epochs < 1:
+        raise UsageError("--pollution must be >= 0, --seeds and --epochs >= 1")
+    from tqdm.auto import tqdm
+
+    aurocs: dict[str, list[float]] = {}
+    jobs = [(o, s) for o in optimizers for s in range(args.seeds)]
+    for name, s in tqdm(jobs, disable=args.quiet, desc="anomaly", leave=False):
+        split = digits_anomaly_split(args.normal_class, args.labeled_ratio, args.pollution, seed=args.seed + s)
+        aurocs.setdefault(name, []).append(train_deep_sad(name, split, epochs=args.epochs, eta=args.eta,
+                                                          seed=args.seed + s, device=device))
+    print(f"{'optimizer':<10}{'AUROC':>18}")
+    for name, v in aurocs.items():
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        print(f"{name:<10}{statistics.mean(v):>10.4f} ± {sd:.4f}")
+    print(f"digits, normal class {args.normal_class}, {args.labeled_ratio:g} labeled anomalies and {args.pollution:g} "
+          f"unlabeled anomalies per normal training image, {args.seeds} seeds, {args.epochs} epochs")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "anomaly_digits.json").write_text(json.dumps(dict(command="anomaly", args=vars(args), auroc=aurocs),
+                                                        indent=1, default=str))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    if not (bench_dir / "optimizer_overhead.py").is_file():
+        raise UsageError(f"the benchmark suites live in a source checkout's benchmarks/ folder; none at {bench_dir}")
+    if args.reps < 1:
+        raise UsageError("--reps must be >= 1")
+    device = _device(args.device)
+    sys.path[:0] = [str(bench_dir), str(bench_dir.parent / "tests")]
+    import optimizer_overhead
+    import step_time
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = "not installed"
+    info = dict(machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+                device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                threads=torch.get_num_threads(), torch=torch.__version__, triton=triton_version,
+                date=datetime.date.today().isoformat())
+    rows = []
+    dev = torch.device(device)
+    for name, shapes, reps in (("ResNet-32 shapes", optimizer_overhead.resnet32_shapes(), max(args.reps * 3, 5)),
+                               ("transformer 6x768", optimizer_overhead.transformer_shapes(), args.reps)):
+        _, nt, n, med = optimizer_overhead.bench(name, shapes, dev, reps, warmup=1)
+        rows.append(("optimizer-side time", name, "public code / ours (+accumulate)",
+                     med["reference"] / med["ours + accumulate"]))
+    if not args.skip_step_time:
+        for eta in (20, 100):
+            med, tails, _ = step_time.run(eta, args.reps, dev)
+            for m in step_time.METHODS:
+                rows.append(("step time, ResNet-32 b64", f"eta {eta:g}: {m}", "x SGD", med[m] / med["sgd"]))
+    if device.startswith("cuda"):
+        rows.append(("Triton kernels", "run benchmarks/gpu_check.py", "see its table", float("nan")))
+    head = " | ".join(f"{k} {v}" for k, v in info.items())
+    table = [f"{'suite':<26}{'case':<28}{'metric':<34}{'value':>8}"]
+    table += [f"{s:<26}{c:<28}{m:<34}{v:>7.2f}" + ("x" if v == v else "") for s, c, m, v in rows]
+    print(head)
+    print("\n".join(table))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
+    md = [f"Benchmarks — {head}", "", "| suite | case | metric | value |", "|---|---|---|---|"]
+    md += [f"| {s} | {c} | {m} | {v:.2f} |" for s, c, m, v in rows]
+    (out / "bench.md").write_text("\n".join(md) + "\n")
+    if not args.quiet:
+        print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``imbsam-fast`` and ``python -m imbsam_fast``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "anomaly": cmd_anomaly, "bench": cmd_bench}[args.command](args)
+    except UsageError as e:
+        print(f"imbsam-fast: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"imbsam-fast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imbsam-fast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""The imbsam-fast command: smoke runs of every subcommand, loaders, losses and error messages."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imbsam_fast.cli import main
+from imbsam_fast.data.cifar import cifar_lt
+from imbsam_fast.data.list_file import list_file_split, read_list_file
+from imbsam_fast.lt_losses import make_loss
+
+
+def _run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_train_smoke_writes_table_json_and_plot(capsys, tmp_path):
+    rc, out, err = _run(capsys, "train", "--quiet", "--seeds", "2", "--epochs", "1",
+                        "--optimizers", "sgd,imbsam,imbsam-fast,focal-sam,sam", "--out", str(tmp_path))
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:5] == ["optimizer", "Many", "Medium", "Few", "All"]
+    assert [ln.split()[0] for ln in lines[1:6]] == ["sgd", "imbsam", "imbsam-fast", "focal-sam", "sam"]
+    data = json.loads((tmp_path / "train_digits.json").read_text())
+    assert set(data["results"]) == {"sgd", "imbsam", "imbsam-fast", "focal-sam", "sam"}
+    assert len(data["results"]["sgd"]) == 2 and len(data["results"]["sgd"][0]["per_class"]) == 10
+    assert data["tail_classes"] == [5, 6, 7, 8, 9]
+    png = (tmp_path / "train_digits.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+@pytest.mark.parametrize("loss", ["ldam", "logit_adjusted", "balanced_softmax"])
+def test_train_with_long_tail_losses(capsys, tmp_path, loss):
+    rc, out, err = _run(capsys, "train", "--quiet", "--seeds", "1", "--epochs", "1", "--optimizers", "imbsam",
+                        "--loss", loss, "--drw-epoch", "0", "--out", str(tmp_path))
+    assert rc == 0, err
+    assert "loss " + loss in out
+
+
+def test_anomaly_smoke(capsys, tmp_path):
+    rc, out, err = _run(capsys, "anomaly", "--quiet", "--seeds", "2", "--epochs", "2", "--out", str(tmp_path))
+    assert rc == 0, err
+    rows = {ln.split()[0]: float(ln.split()[1]) for ln in out.splitlines()[1:4]}
+    assert set(rows) == {"sgd", "sam", "imbsam"} and all(0.5 < v <= 1.0 for v in rows.values())
+    assert json.loads((tmp_path / "anomaly_digits.json").read_text())["auroc"]["imbsam"]
+
+
+def test_bench_smoke(capsys, tmp_path):
+    rc, out, err = _run(capsys, "bench", "--quiet", "--reps", "1", "--skip-step-time", "--out", str(tmp_path))
+    assert rc == 0, err
+    first = out.splitlines()[0]
+    assert "torch" in first and "triton" in first and "date" in first
+    assert "optimizer-side time" in out
+    assert (tmp_path / "bench.md").read_text().startswith("Benchmarks")
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"]
+
+
+def test_help_for_every_subcommand_and_module_entry_point():
+    for sub in ([], ["train"], ["anomaly"], ["bench"]):
+        proc = subprocess.run([sys.executable, "-m", "imbsam_fast", *sub, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage: imbsam-fast" in proc.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["train", "--optimizers", "sgd,adam"], "unknown optimizer adam"),
+    (["anomaly", "--optimizers", "lbfgs"], "unknown optimizer lbfgs"),
+    (["train", "--dataset", "cifar100", "--data-dir", "/no/such/dir"], "--data-dir /no/such/dir does not exist"),
+    (["train", "--imbalance", "0.5"], "--imbalance must be >= 1"),
+    (["train", "--device", "cuda:0"], "no CUDA device"),
+    (["train", "--loss", "focal"], "unknown loss 'focal'"),
+    (["train", "--dataset", "list", "--data-dir", "."], "needs --train-list and --test-list"),
+])
+def test_bad_input_gets_one_line_and_exit_2(capsys, argv, message):
+    if "cuda" in " ".join(argv) and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    rc, out, err = _run(capsys, *argv, "--quiet", "--seeds", "1", "--epochs", "1")
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("imbsam-fast: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_missing_cifar_files_are_named(capsys, tmp_path):
+    rc, _, err = _run(capsys, "train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--quiet")
+    assert rc == 2 and "data_batch_1" in err and "test_batch" in err and "no download" in err
+
+
+def test_eta_without_tail_class_warns_and_trains_plainly(capsys, tmp_path):
+    rc, out, err = _run(capsys, "train", "--quiet", "--seeds", "1", "--epochs", "1", "--eta", "1",
+                        "--optimizers", "sgd,imbsam", "--out", str(tmp_path))
+    assert rc == 0 and "leaves no tail class" in err and "plain training" in err
+
+
+def test_cli_runs_as_a_console_script_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "imbsam_fast", "train", "--dataset", "nope"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown dataset" in proc.stderr
+
+
+def _write_cifar(root, name, per_class_train, per_class_test, rng):
+    if name == "cifar10":
+        folder, classes, key = root / "cifar-10-batches-py", 10, b"labels"
+        train_files, test_files = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
+    else:
+        folder, classes, key = root / "cifar-100-python", 100, b"fine_labels"
+        train_files, test_files = ["train"], ["test"]
+    folder.mkdir(parents=True)
+
+    def write(files, per_class):
+        labels = np.repeat(np.arange(classes), per_class)
+        rng.shuffle(labels)
+        for i, part in enumerate(np.array_split(labels, len(files))):
+            data = rng.integers(0, 256, (len(part), 3072), dtype=np.uint8)
+            with open(folder / files[i], "wb") as f:
+                pickle.dump({b"data": data, key: part.tolist()}, f)
+
+    write(train_files, per_class_train)
+    write(test_files, per_class_test)
+
+
+@pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_loader_on_synthetic_pickles(tmp_path, name, classes):
+    _write_cifar(tmp_path, name, 20, 3, np.random.default_rng(0))
+    split = cifar_lt(name, tmp_path, imbalance=10, seed=0)
+    assert split.class_counts[0] == 20 and split.class_counts[-1] == 2
+    assert split.x_train.shape == (sum(split.class_counts), 3, 32, 32) and split.x_train.dtype == torch.uint8
+    assert torch.bincount(split.y_train, minlength=classes).tolist() == split.class_counts
+    assert split.x_test.shape == (3 * classes, 3, 32, 32)
+
+
+def test_train_on_synthetic_cifar10(capsys, tmp_path):
+    _write_cifar(tmp_path, "cifar10", 12, 2, np.random.default_rng(1))
+    rc, out, err = _run(capsys, "train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--imbalance", "10",
+                        "--quiet", "--seeds", "1", "--epochs", "1", "--optimizers", "sgd,imbsam-fast",
+                        "--batch-size", "16", "--eta", "5", "--many", "10", "--few", "5", "--out", str(tmp_path))
+    assert rc == 0, err
+    assert (tmp_path / "train_cifar10.json").is_file()
+
+
+def _write_images(root, n_per_class, classes, size=12):
+    from PIL import Image
+
+    lines = []
+    rng = np.random.default_rng(0)
+    for k in range(classes):
+        (root / f"c{k}").mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class[k]):
+            rel = f"c{k}/img{i}.png"
+            Image.fromarray(rng.integers(0, 256, (size, size + 3, 3), dtype=np.uint8)).save(root / rel)
+            lines.append(f"{rel} {k}")
+    return lines
+
+
+def test_list_file_loader(tmp_path):
+    root = tmp_path / "images"
+    lines = _write_images(root, [6, 3, 1], 3)
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "test.txt").write_text("\n".join(lines[:4]) + "\n")
+    split = list_file_split(root, tmp_path / "train.txt", tmp_path / "test.txt", image_size=8)
+    assert split.class_counts == [6, 3, 1]
+    assert split.x_train.shape == (10, 3, 8, 8) and split.x_train.dtype == torch.uint8
+    assert split.y_test.tolist() == [0, 0, 0, 0]
+    (tmp_path / "bad.txt").write_text("c0/img0.png zero\n")
+    with pytest.raises(ValueError, match="bad.txt:1"):
+        read_list_file(tmp_path / "bad.txt")
+    (tmp_path / "gone.txt").write_text("c0/missing.png 0\n")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        list_file_split(root, tmp_path / "gone.txt", tmp_path / "test.txt")
+
+
+def test_train_on_a_list_file_dataset(capsys, tmp_path):
+    root = tmp_path / "images"
+    lines = _write_images(root, [8, 4, 2], 3)
+    (tmp_path / "train.txt").write_text("\n".join(lines))
+    (tmp_path / "test.txt").write_text("\n".join(lines))
+    rc, out, err = _run(capsys, "train", "--dataset", "list", "--data-dir", str(root), "--train-list",
+                        str(tmp_path / "train.txt"), "--test-list", str(tmp_path / "test.txt"), "--image-size", "8",
+                        "--quiet", "--seeds", "1", "--epochs", "1", "--optimizers", "imbsam", "--eta", "3",
+                        "--many", "6", "--few", "3", "--out", str(tmp_path))
+    assert rc == 0, err
+
+
+def test_long_tail_losses_follow_their_formulas():
+    counts = [100, 10, 1]
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 3, generator=gen)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    n = torch.tensor(counts, dtype=torch.float32)
+    torch.testing.assert_close(make_loss("ce", counts)(z, y), F.cross_entropy(z, y, reduction="none"))
+    torch.testing.assert_close(make_loss("balanced_softmax", counts)(z, y),
+                               F.cross_entropy(z + n.log(), y, reduction="none"))
+    torch.testing.assert_close(make_loss("logit_adjusted", counts, tau=0.5)(z, y),
+                               F.cross_entropy(z + 0.5 * (n / n.sum()).log(), y, reduction="none"))
+    m = n.pow(-0.25)
+    m = m * 0.5 / m.max()
+    ldam = make_loss("ldam", counts)
+    torch.testing.assert_close(ldam(z, y), F.cross_entropy(30 * (z - F.one_hot(y, 3) * m[y, None]), y,
+                                                           reduction="none"))
+    late = ldam(z, y, epoch=5, drw_epoch=5)
+    assert not torch.allclose(late, ldam(z, y, epoch=4, drw_epoch=5))
+    ratio = late / ldam(z, y)
+    assert ratio[2] > ratio[1] > ratio[0]  # rarer classes weigh more after DRW
+    with pytest.raises(ValueError, match="unknown loss"):
+        make_loss("hinge", counts)
