@@ -1,4 +1,4 @@
-# Quick start on a fresh machine: `make demo` (main job) and `make test` (test suite).
+# Quick start on a fresh machine: `make train` (main job) and `make test` (test suite).
 # Each target builds its own virtual environment in .venv first.
 # TORCH picks the PyTorch build; on a GPU machine use e.g. TORCH="torch==2.11.*".
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean
+.PHONY: train test bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,8 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-demo: $(VENV)/.installed
-	$(PY) -m imbsam_fast.demo
+train: $(VENV)/.installed
+	$(VENV)/bin/imbsam-fast train
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -37,7 +37,7 @@ class AnomalySplit:
     is_anomaly: torch.Tensor
 
 
-def digits_anomaly_split(normal_class: int = 0, labeled_ratio: float = 0.05, pollution: float = 0.0,
+def digits_anomaly_split(normal_class: int = 8, labeled_ratio: float = 0.05, pollution: float = 0.0,
                          seed: int = 0) -> AnomalySplit:
     """Digits: ``normal_class`` is normal, the other nine are anomalies.
 

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Semi-supervised anomaly detection on digits: one class normal, the rest "
                        "anomalies, a few of them labeled. ImbSAM perturbs the labeled-anomaly term only. Prints "
                        "AUROC (mean ± std over seeds).")
-    a.add_argument("--normal-class", type=int, default=0)
+    a.add_argument("--normal-class", type=int, default=8, help="the digit that is normal (default 8)")
     a.add_argument("--labeled-ratio", type=float, default=0.05, help="labeled anomalies per normal training image")
     a.add_argument("--pollution", type=float, default=0.1, help="unlabeled anomalies per normal training image")
     a.add_argument("--optimizers", default=",".join(ANOMALY_OPTIMIZERS))

@@ -1,4 +1,4 @@
-"""Small reference models used by the demo, the CLI and the benchmarks."""
+"""Small reference models used by the command line and the benchmarks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A compact long-tailed training loop shared by the demo, the command line and the benchmarks."""
+"""A compact long-tailed training loop shared by the command line and the benchmarks."""
 
 from __future__ import annotations
 
