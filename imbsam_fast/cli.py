@@ -293,10 +293,19 @@ def cmd_bench(args) -> int:
             for m in step_time.METHODS:
                 rows.append(("step time, ResNet-32 b64", f"eta {eta:g}: {m}", "x SGD", med[m] / med["sgd"]))
     if device.startswith("cuda"):
-        rows.append(("Triton kernels", "run benchmarks/gpu_check.py", "see its table", float("nan")))
+        import gpu_check
+        from shapes import even_shapes
+
+        copy_gbs = gpu_check.copy_bandwidth()
+        for name, shapes in (("ResNet-32 shapes", optimizer_overhead.resnet32_shapes()),
+                             ("10M in 100 tensors", even_shapes(10_000_000, 100))):
+            for r in gpu_check.bench_params(name, shapes, max(args.reps * 4, 10), copy_gbs):
+                if r["impl"] == "triton":
+                    rows.append(("Triton param phases", name, "fraction of copy bandwidth (graph)", r["frac_copy"]))
+                    rows.append(("Triton param phases", name, "launches per step", float(r["launches"])))
     head = " | ".join(f"{k} {v}" for k, v in info.items())
-    table = [f"{'suite':<26}{'case':<28}{'metric':<34}{'value':>8}"]
-    table += [f"{s:<26}{c:<28}{m:<34}{v:>7.2f}" + ("x" if v == v else "") for s, c, m, v in rows]
+    table = [f"{'suite':<26}{'case':<28}{'metric':<36}{'value':>8}"]
+    table += [f"{s:<26}{c:<28}{m:<36}{v:>8.2f}" for s, c, m, v in rows]
     print(head)
     print("\n".join(table))
     out = Path(args.out)

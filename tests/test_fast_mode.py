@@ -308,3 +308,20 @@ def test_both_batchnorm_treatments_keep_running_stats_and_train(fast_bn):
         ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1, mode="fast", model=model, fast_bn="none")
     with pytest.raises(ValueError, match="ghost_batch"):
         ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1, mode="fast", model=model, ghost_batch=-1)
+
+
+@pytest.mark.parametrize("fast_bn", ["ghost", "replay"])
+def test_batchnorm3d_goes_through_the_same_mechanism(fast_bn):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.AdaptiveAvgPool3d(1),
+                          nn.Flatten(), nn.Linear(4, 10))
+    probe = copy.deepcopy(model)
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, fast_bn=fast_bn, **KW)
+    x = torch.randn(12, 1, 4, 4, 4)
+    y = torch.tensor([0, 1, 2, 9, 3, 4, 5, 6, 0, 1, 2, 3])
+    out = opt.step(_closure(model, x, y), y)
+    assert torch.isfinite(out.perturbed_tail)
+    with torch.no_grad():
+        probe(x)
+    for (n, a), (_, b) in zip(model.named_buffers(), probe.named_buffers()):
+        assert torch.equal(a, b), n
