@@ -364,16 +364,10 @@ class ImbSAM(Optimizer):
         self.first_step()
         tail.backward()
         self.second_step()
-        try:
-            with self._bn.freeze_running_stats() if self.bn_stats == "first" else nullcontext():
-                losses2 = self._run_closure(closure, batch)
-            tail2 = _weighted_sum(tail_w, losses2, denom)
-            tail2.backward()
-        except BaseException:
-            self._abort()
-            raise
+        context = self._bn.freeze_running_stats if self.bn_stats == "first" else nullcontext
+        tail2 = self._tail_pass(closure, batch, None, tail_w, denom, context)
         self.third_step()
-        return StepLosses(head.detach(), tail.detach(), tail2.detach(), losses.detach())
+        return StepLosses(head.detach(), tail.detach(), tail2, losses.detach())
 
     def _step_fast(
         self, closure: Callable[..., Tensor], targets: Tensor, head_w: Tensor, tail_w: Tensor
@@ -411,24 +405,26 @@ class ImbSAM(Optimizer):
         else:
             bn_context = self._bn.replay
         tail_w_idx = tail_w[index]
-        try:
-            with bn_context():
-                tail_losses = self._run_closure(closure, batch, index)
-                _weighted_sum(tail_w_idx, tail_losses, denom).backward()
-        except BaseException:
-            self._abort()
-            raise
+        self._tail_pass(closure, batch, index, tail_w_idx, denom, bn_context)
         self.second_step()
+        tail2 = self._tail_pass(closure, batch, index, tail_w_idx, denom, bn_context)
+        self.third_step()
+        return StepLosses(head.detach(), tail, tail2, losses.detach())
+
+    def _tail_pass(self, closure: Callable[..., Tensor], batch: int, index: Optional[Tensor], weights: Tensor,
+                   denom: int, context: Callable[[], Any]) -> Tensor:
+        """Forward ``closure(index)`` and backward ``sum_i w_i l_i / denom`` within ``context()``.
+
+        Any error undoes the step so far (weights restored, gradients cleared) before it propagates.
+        """
         try:
-            with bn_context():
-                losses2 = self._run_closure(closure, batch, index)
-                tail2 = _weighted_sum(tail_w_idx, losses2, denom)
-                tail2.backward()
+            with context():
+                loss = _weighted_sum(weights, self._run_closure(closure, batch, index), denom)
+                loss.backward()
         except BaseException:
             self._abort()
             raise
-        self.third_step()
-        return StepLosses(head.detach(), tail, tail2.detach(), losses.detach())
+        return loss.detach()
 
     def _with_ghosts(self, index: Tensor, tail_w: Tensor) -> Tensor:
         """``index`` plus up to ``ghost_batch`` head samples drawn at random (torch's global RNG), sorted."""

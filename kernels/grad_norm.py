@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_table, numels, triton_dtype
+from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_of, chunk_table, numels, triton_dtype
 
 __all__ = ["sq_norm_partials", "sum_partials", "sq_norm"]
 
@@ -30,10 +30,7 @@ def _sq_norm_partials_kernel(
     ptrs, num_tensors, sizes, chunk_tensor, chunk_start, partials,
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.minimum(tl.load(sizes + t) - start, CHUNK)
+    t, start, n = chunk_of(chunk_tensor, chunk_start, sizes, CHUNK)
     g = chunk_base(ptrs, 0, num_tensors, t, start, DTYPE, ALIGNED)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     full = n // BLOCK * BLOCK
@@ -43,7 +40,7 @@ def _sq_norm_partials_kernel(
     offs = full + tl.arange(0, BLOCK)
     x = tl.load(g + offs, mask=offs < n, other=0.0).to(tl.float32)
     acc += x * x
-    tl.store(partials + c, tl.sum(acc, axis=0))
+    tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0))
 
 
 @triton.jit

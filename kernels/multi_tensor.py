@@ -36,6 +36,7 @@ from torch import Tensor
 
 __all__ = [
     "CHUNK", "BLOCK", "ChunkTable", "chunk_table", "PointerTables", "interpreting", "triton_dtype", "chunk_base",
+    "chunk_of", "numels",
 ]
 
 _data_ptr = torch.Tensor.data_ptr
@@ -43,6 +44,15 @@ _numel = torch.Tensor.numel
 
 CHUNK = 16384
 BLOCK = 2048
+
+
+@triton.jit
+def chunk_of(chunk_tensor, chunk_start, sizes, CHUNK: tl.constexpr):
+    """This program's chunk: tensor index ``t``, first element ``start`` and length ``n <= CHUNK``."""
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_start + c)
+    return t, start, tl.minimum(tl.load(sizes + t) - start, CHUNK)
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_table, numels, triton_dtype
+from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_of, chunk_table, numels, triton_dtype
 
 __all__ = ["restore_"]
 
@@ -24,10 +24,7 @@ def _restore_kernel(
     ptrs, num_tensors, sizes, chunk_tensor, chunk_start,
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.minimum(tl.load(sizes + t) - start, CHUNK)
+    t, start, n = chunk_of(chunk_tensor, chunk_start, sizes, CHUNK)
     w_ptr = chunk_base(ptrs, 0, num_tensors, t, start, DTYPE, ALIGNED)
     b_ptr = chunk_base(ptrs, 1, num_tensors, t, start, DTYPE, ALIGNED)
     full = n // BLOCK * BLOCK

@@ -38,6 +38,15 @@ def _max_rel(a, b):
     return max(((p - q).norm() / q.norm().clamp_min(1e-12)).item() for p, q in zip(a.parameters(), b.parameters()))
 
 
+def _assert_buffers_saw_one_forward(model, probe, x):
+    """The model's BatchNorm buffers equal those of ``probe`` after one training-mode forward of ``x``."""
+    probe.train()
+    with torch.no_grad():
+        probe(x)
+    for (n, a), (_, b) in zip(model.named_buffers(), probe.named_buffers()):
+        assert torch.equal(a, b), n
+
+
 class LayerNormMLP(nn.Module):
     def __init__(self):
         super().__init__()
@@ -114,11 +123,7 @@ def test_tail_passes_leave_batchnorm_running_stats_alone():
     x, y = image_batches(1)[0]
     y[:3] = torch.tensor([7, 8, 9])
     opt.step(_closure(model, x, y), y)
-    probe.train()
-    with torch.no_grad():
-        probe(x)  # one full forward: what the running statistics must have seen
-    for (n, a), (_, b) in zip(model.named_buffers(), probe.named_buffers()):
-        assert torch.equal(a, b), n
+    _assert_buffers_saw_one_forward(model, probe, x)
 
 
 def test_single_tail_sample_with_batchnorm1d():
@@ -300,10 +305,7 @@ def test_both_batchnorm_treatments_keep_running_stats_and_train(fast_bn):
     y[:3] = torch.tensor([7, 8, 9])
     out = opt.step(_closure(model, x, y), y)
     assert torch.isfinite(out.perturbed_tail)
-    with torch.no_grad():
-        probe(x)
-    for (n, a), (_, b) in zip(model.named_buffers(), probe.named_buffers()):
-        assert torch.equal(a, b), n
+    _assert_buffers_saw_one_forward(model, probe, x)
     with pytest.raises(ValueError, match="fast_bn"):
         ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1, mode="fast", model=model, fast_bn="none")
     with pytest.raises(ValueError, match="ghost_batch"):
@@ -321,7 +323,4 @@ def test_batchnorm3d_goes_through_the_same_mechanism(fast_bn):
     y = torch.tensor([0, 1, 2, 9, 3, 4, 5, 6, 0, 1, 2, 3])
     out = opt.step(_closure(model, x, y), y)
     assert torch.isfinite(out.perturbed_tail)
-    with torch.no_grad():
-        probe(x)
-    for (n, a), (_, b) in zip(model.named_buffers(), probe.named_buffers()):
-        assert torch.equal(a, b), n
+    _assert_buffers_saw_one_forward(model, probe, x)
