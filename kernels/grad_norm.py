@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_of, chunk_table, numels, triton_dtype
+from . import multi_tensor
+from .multi_tensor import PointerTables, chunk_base, chunk_of, chunk_table, numels, triton_dtype
 
 __all__ = ["sq_norm_partials", "sum_partials", "sq_norm"]
 
@@ -55,19 +56,20 @@ def _sum_kernel(x, n, out, BLOCK: tl.constexpr):
 def sq_norm_partials(grads: list[Tensor], partials: Tensor, tables: PointerTables) -> None:
     """Stage 1: write one partial sum of squares per chunk into ``partials`` (fp32, one slot per chunk)."""
     device = grads[0].device
-    ct = chunk_table(numels(grads), device)
+    cfg = multi_tensor.LAUNCH
+    ct = chunk_table(numels(grads), device, cfg.chunk)
     if ct.num_chunks == 0:
         return
     ptrs, aligned = tables.get([grads], device)
     _sq_norm_partials_kernel[(ct.num_chunks,)](
         ptrs, len(grads), ct.sizes, ct.chunk_tensor, ct.chunk_start, partials,
-        DTYPE=triton_dtype(grads[0].dtype), ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=8,
+        DTYPE=triton_dtype(grads[0].dtype), ALIGNED=aligned, CHUNK=cfg.chunk, BLOCK=cfg.block, num_warps=cfg.num_warps,
     )
 
 
 def num_chunks(tensors: list[Tensor]) -> int:
     """Number of stage-1 partials ``tensors`` produce."""
-    return chunk_table(numels(tensors), tensors[0].device).num_chunks
+    return chunk_table(numels(tensors), tensors[0].device, multi_tensor.LAUNCH.chunk).num_chunks
 
 
 def sum_partials(partials: Tensor, out: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
 from typing import NamedTuple
@@ -36,7 +37,7 @@ from torch import Tensor
 
 __all__ = [
     "CHUNK", "BLOCK", "ChunkTable", "chunk_table", "PointerTables", "interpreting", "triton_dtype", "chunk_base",
-    "chunk_of", "numels",
+    "chunk_of", "numels", "LaunchConfig", "LAUNCH",
 ]
 
 _data_ptr = torch.Tensor.data_ptr
@@ -44,6 +45,25 @@ _numel = torch.Tensor.numel
 
 CHUNK = 16384
 BLOCK = 2048
+
+
+@dataclass
+class LaunchConfig:
+    """Elements per program (``chunk``, a multiple of ``block``), per loop step (``block``), and warps.
+
+    The defaults were chosen on an H100 (``benchmarks/RESULTS.md``); change ``LAUNCH`` to tune.
+    """
+
+    chunk: int = CHUNK
+    block: int = BLOCK
+    num_warps: int = 8
+
+    def __post_init__(self) -> None:
+        if self.block < 16 or self.chunk % self.block or self.block & (self.block - 1):
+            raise ValueError(f"block must be a power of two >= 16 dividing chunk, got {self}")
+
+
+LAUNCH = LaunchConfig()
 
 
 @triton.jit

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_of, chunk_table, numels, triton_dtype
+from . import multi_tensor
+from .multi_tensor import PointerTables, chunk_base, chunk_of, chunk_table, numels, triton_dtype
 
 __all__ = ["perturb_"]
 
@@ -50,11 +51,12 @@ def perturb_(params: list[Tensor], grads: list[Tensor], backups: list[Tensor], s
              eps: float, tables: PointerTables) -> None:
     """``backup <- w; w <- w + rho / (sqrt(sq_norm) + eps) * g`` over one bucket (contiguous, one dtype/device)."""
     device = params[0].device
-    ct = chunk_table(numels(params), device)
+    cfg = multi_tensor.LAUNCH
+    ct = chunk_table(numels(params), device, cfg.chunk)
     if ct.num_chunks == 0:
         return
     ptrs, aligned = tables.get([params, grads, backups], device)
     _perturb_kernel[(ct.num_chunks,)](
         ptrs, len(params), ct.sizes, ct.chunk_tensor, ct.chunk_start, sq_norm, float(rho), float(eps),
-        DTYPE=triton_dtype(params[0].dtype), ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=8,
+        DTYPE=triton_dtype(params[0].dtype), ALIGNED=aligned, CHUNK=cfg.chunk, BLOCK=cfg.block, num_warps=cfg.num_warps,
     )

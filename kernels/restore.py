@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import BLOCK, CHUNK, PointerTables, chunk_base, chunk_of, chunk_table, numels, triton_dtype
+from . import multi_tensor
+from .multi_tensor import PointerTables, chunk_base, chunk_of, chunk_table, numels, triton_dtype
 
 __all__ = ["restore_"]
 
@@ -39,11 +40,12 @@ def _restore_kernel(
 def restore_(params: list[Tensor], backups: list[Tensor], tables: PointerTables) -> None:
     """``w <- backup`` over one bucket (contiguous tensors of one dtype on one device)."""
     device = params[0].device
-    ct = chunk_table(numels(params), device)
+    cfg = multi_tensor.LAUNCH
+    ct = chunk_table(numels(params), device, cfg.chunk)
     if ct.num_chunks == 0:
         return
     ptrs, aligned = tables.get([params, backups], device)
     _restore_kernel[(ct.num_chunks,)](
         ptrs, len(params), ct.sizes, ct.chunk_tensor, ct.chunk_start,
-        DTYPE=triton_dtype(params[0].dtype), ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=8,
+        DTYPE=triton_dtype(params[0].dtype), ALIGNED=aligned, CHUNK=cfg.chunk, BLOCK=cfg.block, num_warps=cfg.num_warps,
     )
