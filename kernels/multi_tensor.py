@@ -43,7 +43,7 @@ __all__ = [
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
 
-CHUNK = 16384
+CHUNK = 4096
 BLOCK = 2048
 
 
