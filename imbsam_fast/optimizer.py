@@ -154,22 +154,14 @@ class ImbSAM(Optimizer):
             if not group["rho"] >= 0.0:
                 raise ValueError(f"rho must be >= 0, got {group['rho']}")
 
-        self.class_weights: Optional[ClassWeights] = (
-            None if tail_mask is None else as_class_weights(tail_mask, tail_weight)
-        )
+        self._set_class_weights(None if tail_mask is None else as_class_weights(tail_mask, tail_weight))
         self.mode = mode
-        self._has_head = self._has_tail = True
-        if self.class_weights is not None:
-            # Presets with no head part (SAM) or no tail part (plain training) skip the passes they do not need.
-            self._has_head = bool((self.class_weights.head != 0).any())
-            self._has_tail = bool((self.class_weights.tail != 0).any())
         self.bn_stats = bn_stats
         self.fast_bn = fast_bn
         self.ghost_batch = ghost_batch
         self._bn = BatchNormStats(model if model is not None else nn.Module())
         self.nonfinite = nonfinite
         self.ignore_index = ignore_index
-        self._backend_name = backend
         devices = {p.device.type for g in self.param_groups for p in g["params"]}
         self._ops = resolve_param_backend(backend, devices)
         self.steps = 0
@@ -180,7 +172,13 @@ class ImbSAM(Optimizer):
         self._backups: dict[Tensor, Tensor] = {}
         self._perturbed: list[Bucket] = []
         self._tail_norm: Optional[Tensor] = None
+
+    def _set_class_weights(self, weights: Optional[ClassWeights]) -> None:
+        self.class_weights = weights
         self._weights_on: dict[torch.device, ClassWeights] = {}
+        # Presets with no head part (SAM) or no tail part (plain training) skip the passes they do not need.
+        self._has_head = weights is None or bool((weights.head != 0).any())
+        self._has_tail = weights is None or bool((weights.tail != 0).any())
 
     @property
     def backend(self) -> str:
@@ -506,10 +504,7 @@ class ImbSAM(Optimizer):
             self.skipped_steps = int(own["skipped_steps"])
             cw = own.get("class_weights")
             if cw is not None:
-                self.class_weights = ClassWeights(cw["head"].clone(), cw["tail"].clone())
-                self._weights_on = {}
-                self._has_head = bool((self.class_weights.head != 0).any())
-                self._has_tail = bool((self.class_weights.tail != 0).any())
+                self._set_class_weights(ClassWeights(cw["head"].clone(), cw["tail"].clone()))
 
     def __repr__(self) -> str:
         return (
