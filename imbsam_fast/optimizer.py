@@ -425,12 +425,16 @@ class ImbSAM(Optimizer):
         return loss.detach()
 
     def _with_ghosts(self, index: Tensor, tail_w: Tensor) -> Tensor:
-        """``index`` plus up to ``ghost_batch`` head samples drawn at random (torch's global RNG), sorted."""
-        others = torch.nonzero(tail_w == 0).squeeze(1)
-        k = min(self.ghost_batch, others.numel())
-        if k == 0:
+        """``index`` plus up to ``ghost_batch`` head samples drawn at random (torch's global RNG), sorted.
+
+        The head samples get random keys and the tail samples +inf, so the ghosts are the
+        ``k`` smallest keys: no second host sync (``k`` follows from the tail count already read).
+        """
+        k = min(self.ghost_batch, tail_w.numel() - index.numel())
+        if k <= 0:
             return index
-        pick = others[torch.randperm(others.numel(), device=others.device)[:k]]
+        keys = torch.rand(tail_w.shape, device=tail_w.device).masked_fill(tail_w != 0, float("inf"))
+        pick = torch.topk(keys, k, largest=False).indices
         return torch.cat([index, pick]).sort().values
 
     @torch.no_grad()
