@@ -16,6 +16,7 @@ RUNS = {
     "sgd": dict(optimizer="sgd"),
     "imbsam exact": dict(optimizer="imbsam"),
     "imbsam fast (ghost 8)": dict(optimizer="imbsam-fast", fast_bn="ghost"),
+    "imbsam fast (replay-ghost)": dict(optimizer="imbsam-fast", fast_bn="replay-ghost"),
     "imbsam fast (replay)": dict(optimizer="imbsam-fast", fast_bn="replay"),
 }
 
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     split = long_tailed_digits(args.imbalance, seed=0)
     print(f"# long-tailed digits (imbalance {args.imbalance:g}, train counts {split.class_counts}), digits_cnn "
           f"with BatchNorm, {args.epochs} epochs, batch 64, eta 20; mean ± std over {args.seeds} seeds")
-    print(f"{'method':<24}{'Many':>13}{'Medium':>13}{'Few':>13}{'All':>13}")
+    print(f"{'method':<28}{'Many':>13}{'Medium':>13}{'Few':>13}{'All':>13}")
     for name, kw in RUNS.items():
         runs = [train_classifier(model_fn=digits_cnn, x_train=split.x_train, y_train=split.y_train,
                                  x_test=split.x_test, y_test=split.y_test, class_counts=split.class_counts,
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
         for key in ("many", "medium", "few", "all"):
             v = [r.splits[key] for r in runs]
             cells.append(f"{statistics.mean(v):5.1f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:4.1f}")
-        print(f"{name:<24}" + "".join(f"{c:>13}" for c in cells))
+        print(f"{name:<28}" + "".join(f"{c:>13}" for c in cells))
     return 0
 
 

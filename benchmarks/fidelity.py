@@ -29,7 +29,7 @@ from imbsam_fast.models import resnet32  # noqa: E402
 
 KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
 VARIANTS = {"fast (ghost 8)": dict(ghost_batch=8), "fast (ghost 16)": dict(ghost_batch=16),
-            "fast (replay)": dict(fast_bn="replay")}
+            "fast (replay-ghost 8)": dict(fast_bn="replay-ghost"), "fast (replay)": dict(fast_bn="replay")}
 
 
 def _closure(model, x, y):
@@ -97,9 +97,9 @@ def main(argv=None) -> int:
         cos = run(eta, args.steps)
         n = len(next(iter(cos.values()))[0])
         print(f"\neta={eta:g}: {n} of {args.steps} steps had tail samples")
-        print(f"{'variant':<18}{'whole update':>40}   {'tail part':>40}")
+        print(f"{'variant':<24}{'whole update':>40}   {'tail part':>40}")
         for name, (whole, tail) in cos.items():
-            print(f"{name:<18}{_summary(whole):>40}   {_summary(tail):>40}")
+            print(f"{name:<24}{_summary(whole):>40}   {_summary(tail):>40}")
     return 0
 
 

@@ -32,7 +32,7 @@ __all__ = ["ImbSAM", "StepLosses"]
 
 MODES = ("exact", "fast")
 BN_STATS = ("reference", "first")
-FAST_BN = ("ghost", "replay")
+FAST_BN = ("ghost", "replay-ghost", "replay")
 NONFINITE = ("skip", "raise", "none")
 
 _IDLE, _STASHED, _PERTURBED = "idle", "head gradient stashed", "weights perturbed"
@@ -73,7 +73,10 @@ class ImbSAM(Optimizer):
             so that the layers normalize with, and differentiate through, the
             statistics of a real batch; ``"replay"`` uses the full forward's
             statistics as constants (cheaper; measured to lose accuracy, see
-            ``benchmarks/RESULTS.md``). Running statistics never move in tail passes.
+            ``benchmarks/RESULTS.md``); ``"replay-ghost"`` replays in the pass at
+            w (the ascent direction) and uses the ghost batch at w + e (the
+            gradient that enters the update). Running statistics never move in
+            tail passes.
         ghost_batch: head samples added to each tail pass with ``fast_bn="ghost"``.
         bn_stats: exact mode only: ``"reference"`` (BatchNorm running statistics
             update in both forwards, as the public code does) or ``"first"``
@@ -372,20 +375,25 @@ class ImbSAM(Optimizer):
     ) -> StepLosses:
         """One full-batch pass for the head; the tail gradient at w and at w + e from the tail samples only.
 
-        With BatchNorm layers in training mode the tail passes see either a
-        ghost batch (``fast_bn="ghost"``: the tail samples plus ``ghost_batch``
-        random head samples of zero weight, normalized by their own batch
-        statistics, so that gradients flow through the statistics as in a full
-        batch) or the full forward's replayed statistics (``fast_bn="replay"``).
-        Running statistics move only in the full forward. See ``batchnorm.py``.
+        BatchNorm layers in training mode see, in each tail pass, either a
+        ghost batch (the tail samples plus ``ghost_batch`` random head samples
+        of zero weight, normalized by their own batch statistics so that
+        gradients flow through the statistics as in a full batch) or the full
+        forward's replayed statistics. ``fast_bn`` picks per pass: ``"ghost"``
+        both ghost, ``"replay"`` both replay, ``"replay-ghost"`` replay for the
+        ascent direction at w and a ghost batch for the gradient at w + e (the
+        one that enters the update). Running statistics move only in the full
+        forward. See ``batchnorm.py``.
         """
         batch = targets.shape[0]
         denom = max(batch, 1)
         # The tail passes are sized by the number of tail samples: reading it is one
         # host sync per step when the targets live on an accelerator (none on the CPU).
         index = torch.nonzero(tail_w).squeeze(1) if self._has_tail else tail_w.new_zeros(0, dtype=torch.long)
-        replay = index.numel() > 0 and self.fast_bn == "replay" and self._bn.active()
-        with self._bn.record() if replay else nullcontext():
+        bn = index.numel() > 0 and self._bn.active()
+        ascent_ghost = bn and self.fast_bn == "ghost"
+        perturbed_ghost = bn and self.fast_bn in ("ghost", "replay-ghost")
+        with self._bn.record() if bn and not (ascent_ghost and perturbed_ghost) else nullcontext():
             losses = self._run_closure(closure, batch)
         head = _weighted_sum(head_w, losses, denom)
         tail = _weighted_sum(tail_w, losses.detach(), denom)
@@ -397,15 +405,14 @@ class ImbSAM(Optimizer):
         if self._has_head:
             head.backward()
         self.first_step()
-        if self.fast_bn == "ghost" and self._bn.active():
-            index = self._with_ghosts(index, tail_w)
-            bn_context = self._bn.freeze_running_stats
-        else:
-            bn_context = self._bn.replay
-        tail_w_idx = tail_w[index]
-        self._tail_pass(closure, batch, index, tail_w_idx, denom, bn_context)
+        ghosts = self._with_ghosts(index, tail_w) if perturbed_ghost else index
+        first = ghosts if ascent_ghost else index
+        self._tail_pass(closure, batch, first, tail_w[first], denom,
+                        self._bn.freeze_running_stats if ascent_ghost else self._bn.replay)
         self.second_step()
-        tail2 = self._tail_pass(closure, batch, index, tail_w_idx, denom, bn_context)
+        second = ghosts if perturbed_ghost else index
+        tail2 = self._tail_pass(closure, batch, second, tail_w[second], denom,
+                                self._bn.freeze_running_stats if perturbed_ghost else self._bn.replay)
         self.third_step()
         return StepLosses(head.detach(), tail, tail2, losses.detach())
 

@@ -295,7 +295,7 @@ def test_ghost_batch_joins_the_tail_passes_of_batchnorm_models():
         assert torch.equal(idx, idx.sort().values)
 
 
-@pytest.mark.parametrize("fast_bn", ["ghost", "replay"])
+@pytest.mark.parametrize("fast_bn", ["ghost", "replay-ghost", "replay"])
 def test_both_batchnorm_treatments_keep_running_stats_and_train(fast_bn):
     torch.manual_seed(0)
     model = small_cnn()
@@ -312,7 +312,7 @@ def test_both_batchnorm_treatments_keep_running_stats_and_train(fast_bn):
         ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1, mode="fast", model=model, ghost_batch=-1)
 
 
-@pytest.mark.parametrize("fast_bn", ["ghost", "replay"])
+@pytest.mark.parametrize("fast_bn", ["ghost", "replay-ghost", "replay"])
 def test_batchnorm3d_goes_through_the_same_mechanism(fast_bn):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.AdaptiveAvgPool3d(1),
@@ -324,3 +324,17 @@ def test_batchnorm3d_goes_through_the_same_mechanism(fast_bn):
     out = opt.step(_closure(model, x, y), y)
     assert torch.isfinite(out.perturbed_tail)
     _assert_buffers_saw_one_forward(model, probe, x)
+
+
+def test_replay_ghost_replays_at_w_and_adds_ghosts_at_the_perturbed_point():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model,
+                 fast_bn="replay-ghost", ghost_batch=4, **KW)
+    x, y = vector_batches(1)[0]
+    y = y % 7
+    y[3] = 8
+    calls = []
+    opt.step(_closure(model, x, y, calls), y)
+    assert calls[1].tolist() == [3]
+    assert calls[2].numel() == 5 and 3 in calls[2].tolist()
