@@ -1,9 +1,9 @@
 """End-to-end step time: SGD, SAM, the public ImbSAM code, exact mode and fast mode.
 
-fast: fast mode with its default ghost batch of 8 head samples in the tail
-passes; fast-g16: a ghost batch of 16; fast-rg: replayed statistics at w and
-a ghost batch of 8 at w + e; fast-replay: BatchNorm statistics replayed in
-both tail passes (no ghost samples).
+fast: fast mode's default BatchNorm treatment (replayed statistics in the
+tail pass at w, a ghost batch of 8 head samples in the pass at w + e);
+fast-ghost: a ghost batch of 8 in both tail passes; fast-g16: a ghost batch of
+16 in both; fast-replay: replayed statistics in both (no ghost samples).
 
 ResNet-32 at 32x32 input, batch 64, labels drawn from the CIFAR-100-LT profile
 (imbalance 100: n_k = 500 * 100^(-k/99)); a class is tail when n_k < eta.
@@ -34,7 +34,7 @@ from imbsam_fast.data.long_tail import exponential_profile  # noqa: E402
 from imbsam_fast.models import resnet32  # noqa: E402
 
 KW = dict(lr=0.01, momentum=0.9, weight_decay=1e-3)
-METHODS = ("sgd", "sam", "public", "exact", "fast", "fast-g16", "fast-rg", "fast-replay")
+METHODS = ("sgd", "sam", "public", "exact", "fast", "fast-ghost", "fast-g16", "fast-replay")
 
 
 def cifar100_lt_batches(n: int, batch: int, eta: float, device, seed: int = 0):
@@ -62,10 +62,10 @@ def make_steppers(device, tail_mask, norm: str = "batch"):
         "exact": ImbSAM(models["exact"].parameters(), torch.optim.SGD, tail_mask=tail_mask, **KW),
         "fast": ImbSAM(models["fast"].parameters(), torch.optim.SGD, tail_mask=tail_mask, mode="fast",
                        model=models["fast"], **KW),
+        "fast-ghost": ImbSAM(models["fast-ghost"].parameters(), torch.optim.SGD, tail_mask=tail_mask, mode="fast",
+                             model=models["fast-ghost"], fast_bn="ghost", **KW),
         "fast-g16": ImbSAM(models["fast-g16"].parameters(), torch.optim.SGD, tail_mask=tail_mask, mode="fast",
-                           model=models["fast-g16"], ghost_batch=16, **KW),
-        "fast-rg": ImbSAM(models["fast-rg"].parameters(), torch.optim.SGD, tail_mask=tail_mask, mode="fast",
-                          model=models["fast-rg"], fast_bn="replay-ghost", **KW),
+                           model=models["fast-g16"], fast_bn="ghost", ghost_batch=16, **KW),
         "fast-replay": ImbSAM(models["fast-replay"].parameters(), torch.optim.SGD, tail_mask=tail_mask, mode="fast",
                               model=models["fast-replay"], fast_bn="replay", **KW),
     }

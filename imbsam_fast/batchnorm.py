@@ -14,6 +14,11 @@ Gradients reach ``x``, ``gamma`` and ``beta``; they do not flow through the
 batch statistics, which is where fast mode differs from exact mode on
 BatchNorm models (measured in ``benchmarks/RESULTS.md``).
 
+The optimizer's default treatment (``fast_bn="replay-ghost"``) replays only
+in the pass at w; the pass at w + e runs a ghost batch (tail samples plus a
+few zero-weight head samples) under :meth:`BatchNormStats.freeze_running_stats`,
+so that its gradient flows through real batch statistics.
+
 One mechanism covers BatchNorm1d/2d/3d, SyncBatchNorm and every other
 subclass of ``torch.nn.modules.batchnorm._BatchNorm``. Layers in eval mode
 use their running statistics as usual and are left alone. A layer called

@@ -104,7 +104,7 @@ class ImbSAM(Optimizer):
         ignore_index: int = -100,
         model: Optional[nn.Module] = None,
         bn_stats: str = "reference",
-        fast_bn: str = "ghost",
+        fast_bn: str = "replay-ghost",
         ghost_batch: int = 8,
         **base_kwargs: Any,
     ) -> None:

@@ -50,7 +50,7 @@ class TrainConfig:
     drw_epoch: Optional[int] = None
     focal_lam: float = 1.0
     focal_gamma: float = 2.0
-    fast_bn: str = "ghost"
+    fast_bn: str = "replay-ghost"
     many: float = 100
     few: float = 20
     device: str = "cpu"

@@ -284,7 +284,8 @@ def test_recorded_statistics_match_the_batch(momentum, track):
 def test_ghost_batch_joins_the_tail_passes_of_batchnorm_models():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
-    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, ghost_batch=5, **KW)
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, fast_bn="ghost",
+                 ghost_batch=5, **KW)
     x, y = vector_batches(1)[0]
     y = y % 7
     y[[2, 11]] = 9
