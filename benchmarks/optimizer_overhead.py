@@ -56,14 +56,15 @@ def _grads(params):
     return [torch.randn_like(p) for p in params]
 
 
+def _after_backward(params, phase, device) -> float:
+    """Hand every parameter a fresh gradient (a simulated backward, untimed), then time ``phase``."""
+    for p, g in zip(params, _grads(params)):
+        p.grad = g
+    return _timed(phase, device)
+
+
 def step_ours(opt, params, device, accumulate: bool) -> float:
-    t = 0.0
-    for p, g in zip(params, _grads(params)):
-        p.grad = g
-    t += _timed(opt.first_step, device)
-    for p, g in zip(params, _grads(params)):
-        p.grad = g
-    t += _timed(opt.second_step, device)
+    t = _after_backward(params, opt.first_step, device) + _after_backward(params, opt.second_step, device)
     fresh = _grads(params)
 
     def accumulate_onto_head():
@@ -74,22 +75,11 @@ def step_ours(opt, params, device, accumulate: bool) -> float:
         t += _timed(accumulate_onto_head, device)
     else:
         accumulate_onto_head()
-    t += _timed(opt.third_step, device)
-    return t
+    return t + _timed(opt.third_step, device)
 
 
 def step_reference(ref, params, device) -> float:
-    t = 0.0
-    for p, g in zip(params, _grads(params)):
-        p.grad = g
-    t += _timed(ref.first_step, device)
-    for p, g in zip(params, _grads(params)):
-        p.grad = g
-    t += _timed(ref.second_step, device)
-    for p, g in zip(params, _grads(params)):
-        p.grad = g
-    t += _timed(ref.third_step, device)
-    return t
+    return sum(_after_backward(params, phase, device) for phase in (ref.first_step, ref.second_step, ref.third_step))
 
 
 def bench(name, shapes, device, reps, warmup=3):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import resolve_loss_backend
-from .priors import ClassWeights, check_labels, imbsam_weights, sample_weights
+from .priors import ClassWeights, check_label_dtype, imbsam_weights, sample_weights
 
 __all__ = ["split_head_tail", "class_weighted_cross_entropy", "head_tail_cross_entropy"]
 
@@ -36,12 +36,13 @@ def split_head_tail(
             "per-sample losses must be 1-D with one entry per target: got losses of shape "
             f"{tuple(per_sample_losses.shape)} for targets of shape {tuple(targets.shape)}"
         )
-    a, b = sample_weights(weights, targets, ignore_index)
-    batch = max(targets.shape[0], 1)
-    losses = per_sample_losses
-    a = a.to(losses.dtype)
-    b = b.to(losses.dtype)
-    return (a * losses).sum() / batch, (b * losses).sum() / batch
+    return _weighted_sums(per_sample_losses, *sample_weights(weights, targets, ignore_index))
+
+
+def _weighted_sums(losses: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_i a_i l_i / B, sum_i b_i l_i / B)`` for per-sample weights ``a``, ``b``."""
+    batch = max(losses.shape[0], 1)
+    return (a.to(losses.dtype) * losses).sum() / batch, (b.to(losses.dtype) * losses).sum() / batch
 
 
 def class_weighted_cross_entropy(
@@ -94,7 +95,7 @@ def head_tail_cross_entropy(
 
 
 def _torch_cross_entropy(logits, targets, weights, ignore_index, label_smoothing):
-    check_labels(targets, weights.num_classes, targets == ignore_index)
+    a, b = sample_weights(weights, targets, ignore_index)  # checks the labels before cross_entropy sees them
     losses = F.cross_entropy(
         logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
         targets,
@@ -102,7 +103,7 @@ def _torch_cross_entropy(logits, targets, weights, ignore_index, label_smoothing
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
     )
-    return split_head_tail(losses, targets, weights, ignore_index=ignore_index)
+    return _weighted_sums(losses, a, b)
 
 
 def _check_logits(logits: torch.Tensor, targets: torch.Tensor, num_classes: int, label_smoothing: float) -> None:
@@ -113,8 +114,7 @@ def _check_logits(logits: torch.Tensor, targets: torch.Tensor, num_classes: int,
             f"targets must be 1-D with one label per row of logits: logits {tuple(logits.shape)}, "
             f"targets {tuple(targets.shape)}"
         )
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
-        raise ValueError(f"targets must be integer class labels, got {targets.dtype}")
+    check_label_dtype(targets)
     if logits.shape[1] != num_classes:
         raise ValueError(
             f"the class weights / tail mask have {num_classes} entries but logits have {logits.shape[1]} classes"

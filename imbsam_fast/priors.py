@@ -165,14 +165,19 @@ def sample_weights(
     """
     if targets.ndim != 1:
         raise ValueError(f"targets must be 1-D (one label per sample), got shape {tuple(targets.shape)}")
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
-        raise ValueError(f"targets must be integer class labels, got {targets.dtype}")
+    check_label_dtype(targets)
     ignored = targets == ignore_index
     check_labels(targets, weights.num_classes, ignored)
     safe = torch.where(ignored, torch.zeros_like(targets), targets)
     head = weights.head.to(targets.device)[safe].masked_fill(ignored, 0.0)
     tail = weights.tail.to(targets.device)[safe].masked_fill(ignored, 0.0)
     return head, tail
+
+
+def check_label_dtype(targets: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``targets`` holds integer class labels."""
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise ValueError(f"targets must be integer class labels, got {targets.dtype}")
 
 
 def check_labels(targets: torch.Tensor, num_classes: int, ignored: torch.Tensor | None = None) -> None:
