@@ -12,6 +12,8 @@ from pathlib import Path
 from setuptools import setup
 
 HERE = Path(__file__).parent
+# The applications (imbsam_fast.apps: command line, training loop, datasets, plots); the core needs torch only.
+CLI_REQUIRES = ["numpy", "scikit-learn>=1.2", "tqdm", "matplotlib", "pillow"]
 
 
 def _extensions():
@@ -37,14 +39,18 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["imbsam_fast", "imbsam_fast.backends", "imbsam_fast.data", "imbsam_fast.kernels"],
+    packages=[
+        "imbsam_fast", "imbsam_fast.backends", "imbsam_fast.schedules", "imbsam_fast.kernels",
+        "imbsam_fast.apps", "imbsam_fast.apps.data", "imbsam_fast.apps.bench",
+    ],
     package_dir={"imbsam_fast.kernels": "kernels"},
-    install_requires=["torch>=2.11", "numpy", "scikit-learn>=1.2", "tqdm", "matplotlib", "pillow"],
+    install_requires=["torch>=2.11"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["triton>=3.2", "pytest>=7", "pytest-benchmark>=4", "ruff>=0.5"],
+        "cli": CLI_REQUIRES,
+        "test": ["triton>=3.2", "pytest>=7", "pytest-benchmark>=4", "ruff>=0.5", *CLI_REQUIRES],
     },
-    entry_points={"console_scripts": ["imbsam-fast=imbsam_fast.cli:main"]},
+    entry_points={"console_scripts": ["imbsam-fast=imbsam_fast.apps.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

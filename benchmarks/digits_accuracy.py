@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from imbsam_fast.data.digits import long_tailed_digits
-from imbsam_fast.models import digits_cnn
-from imbsam_fast.training import train_classifier
+from imbsam_fast.apps.data.digits import long_tailed_digits
+from imbsam_fast.apps.models import digits_cnn
+from imbsam_fast.apps.training import train_classifier
 
 RUNS = {
     "sgd": dict(optimizer="sgd"),

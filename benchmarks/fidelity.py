@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from step_time import cifar100_lt_batches  # noqa: E402
 
 from imbsam_fast import ImbSAM  # noqa: E402
-from imbsam_fast.models import resnet32  # noqa: E402
+from imbsam_fast.apps.models import resnet32  # noqa: E402
 
 KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
 VARIANTS = {"fast (ghost 8)": dict(ghost_batch=8), "fast (ghost 16)": dict(ghost_batch=16),

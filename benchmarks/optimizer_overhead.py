@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from reference import ReferenceImbSAM  # noqa: E402
 from shapes import numel, resnet32_shapes, transformer_shapes  # noqa: E402
 
 from imbsam_fast import ImbSAM  # noqa: E402
+from imbsam_fast.reference import ReferenceImbSAM  # noqa: E402
 
 SGD_KW = dict(lr=0.01, momentum=0.9, weight_decay=1e-3)
 

@@ -27,11 +27,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from reference import ReferenceImbSAM, reference_train_step  # noqa: E402
-
 from imbsam_fast import ImbSAM, sam_weights, tail_class_mask  # noqa: E402
-from imbsam_fast.data.long_tail import exponential_profile  # noqa: E402
-from imbsam_fast.models import resnet32  # noqa: E402
+from imbsam_fast.apps.data.long_tail import exponential_profile  # noqa: E402
+from imbsam_fast.apps.models import resnet32  # noqa: E402
+from imbsam_fast.reference import ReferenceImbSAM, reference_train_step  # noqa: E402
 
 KW = dict(lr=0.01, momentum=0.9, weight_decay=1e-3)
 METHODS = ("sgd", "sam", "public", "exact", "fast", "fast-ghost", "fast-g16", "fast-replay")
@@ -57,7 +56,7 @@ def make_steppers(device, tail_mask, norm: str = "batch"):
         m.load_state_dict(base.state_dict())
     opts = {
         "sgd": torch.optim.SGD(models["sgd"].parameters(), **KW),
-        "sam": ImbSAM(models["sam"].parameters(), torch.optim.SGD, tail_mask=sam_weights(100), **KW),
+        "sam": ImbSAM(models["sam"].parameters(), torch.optim.SGD, class_weights=sam_weights(100), **KW),
         "public": ReferenceImbSAM(torch.optim.SGD(models["public"].parameters(), **KW), models["public"]),
         "exact": ImbSAM(models["exact"].parameters(), torch.optim.SGD, tail_mask=tail_mask, **KW),
         "fast": ImbSAM(models["fast"].parameters(), torch.optim.SGD, tail_mask=tail_mask, mode="fast",

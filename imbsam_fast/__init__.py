@@ -1,5 +1,11 @@
-"""imbsam_fast: fast, faithful ImbSAM (class-imbalanced sharpness-aware minimization) for PyTorch."""
+"""imbsam_fast: fast, faithful ImbSAM (class-imbalanced sharpness-aware minimization) for PyTorch.
 
+The core (this package: optimizer, schedules, hooks, priors, losses, BatchNorm
+handling, backends) needs torch only. The applications (command line, training
+loop, datasets, models) live in :mod:`imbsam_fast.apps` and need the ``[cli]`` extra.
+"""
+
+from .hooks import StepHooks
 from .losses import class_weighted_cross_entropy, head_tail_cross_entropy, split_head_tail
 from .optimizer import ImbSAM, StepLosses
 from .priors import (
@@ -17,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ImbSAM",
     "StepLosses",
+    "StepHooks",
     "ClassWeights",
     "tail_class_mask",
     "split_classes",

@@ -1,5 +1,5 @@
 """``python -m imbsam_fast``: the same command as ``imbsam-fast``."""
 
-from .cli import main
+from .apps.cli import main
 
 raise SystemExit(main())

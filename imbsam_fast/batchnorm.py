@@ -29,15 +29,16 @@ sees them again).
 
 from __future__ import annotations
 
+import operator
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BatchNormStats", "batchnorm_layers"]
+__all__ = ["BatchNormStats", "BatchNormSnapshot", "batchnorm_layers"]
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -46,58 +47,107 @@ def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
 
 
 class BatchNormStats:
-    """Record the batch statistics of one forward; replay them, or freeze running statistics, later."""
+    """Record the batch statistics of one forward; replay them, or freeze running statistics, later;
+    snapshot and restore the buffers."""
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = batchnorm_layers(model)
         self._stats: dict[_BatchNorm, list[tuple[Tensor, Tensor]]] = {}
+        self._per_call: set[_BatchNorm] = set()
+        self._copy_src: list[Tensor] = []
+        self._copies: list[Tensor] = []
 
     def active(self) -> bool:
         """Whether any BatchNorm layer is in training mode (eval-mode layers need no handling)."""
         return any(m.training for m in self.layers)
 
+    def buffers(self) -> list[Tensor]:
+        """The running statistics and batch counters of every layer (the tensors a forward may update)."""
+        out = []
+        for m in self.layers:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                t = getattr(m, name, None)
+                if t is not None:
+                    out.append(t)
+        return out
+
+    @torch.no_grad()
+    def snapshot(self) -> Optional[BatchNormSnapshot]:
+        """A copy of :meth:`buffers` (one foreach copy), or ``None`` when there are none."""
+        buffers = self.buffers()
+        if not buffers:
+            return None
+        saved = [torch.empty_like(b) for b in buffers]
+        torch._foreach_copy_(saved, buffers)
+        return BatchNormSnapshot(buffers, saved)
+
     @contextmanager
     def record(self) -> Iterator[None]:
         """Within: each training-mode layer stores the batch mean and biased variance of its input.
 
-        Layers that track running statistics with a momentum give them back
-        for free: ``r_new = (1 - m) r_old + m * s`` solves for the batch
-        statistic ``s`` (the running variance holds the unbiased one, rescaled
-        by ``(n - 1) / n``). Other layers compute them from the input.
+        Layers that track running statistics with a momentum ``m > 0`` give them
+        back for free: ``r_new = (1 - m) r_old + m s`` solves for the batch
+        statistic ``s = r_old + (r_new - r_old) / m`` (the running variance holds
+        the unbiased one, rescaled by ``(n - 1) / n``). All such layers are
+        solved together after the forward, a few foreach ops in all; their old
+        running statistics are copied aside before it in one foreach copy.
+        Other layers (no running statistics, cumulative averaging, or called
+        more than once per forward) compute ``var_mean`` of their input.
         """
         self._stats = {}
-        before: dict[_BatchNorm, tuple[Tensor, Tensor]] = {}
+        training = [m for m in self.layers if m.training]
+        solved = {m for m in training if _derivable(m) and m not in self._per_call}
+        order = [m for m in training if m in solved]
+        old = self._copy_running_stats(order)
+        old_of = {m: (old[2 * i], old[2 * i + 1]) for i, m in enumerate(order)}
+        calls: dict[_BatchNorm, int] = {}
+        sizes: dict[_BatchNorm, int] = {}
 
         def pre_hook(module: _BatchNorm, args: tuple[Tensor, ...]) -> None:
             if not module.training:
                 return
-            if _derivable(module):
-                before[module] = (module.running_mean.clone(), module.running_var.clone())
-                return
+            count = calls[module] = calls.get(module, 0) + 1
+            if module in solved:
+                if count == 1:
+                    return
+                # A second call of the same layer: solve its first call now, and go per call from here on.
+                solved.discard(module)
+                self._per_call.add(module)
+                self._stats[module] = [_solve(module, *old_of[module], sizes[module])]
             x = args[0]
             with torch.no_grad():
                 var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
             self._stats.setdefault(module, []).append((mean, var))
 
         def post_hook(module: _BatchNorm, args: tuple[Tensor, ...], output: Tensor) -> None:
-            old = before.pop(module, None)
-            if old is None:
-                return
-            x = args[0]
-            n = x.numel() // x.shape[1]
-            m = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
-            with torch.no_grad():
-                mean = (module.running_mean - (1.0 - m) * old[0]) / m
-                var = (module.running_var - (1.0 - m) * old[1]) / m * ((n - 1) / n)
-            self._stats.setdefault(module, []).append((mean, var.clamp_min(0.0)))
+            if module in solved and calls.get(module) == 1:
+                x = args[0]
+                sizes[module] = x.numel() // x.shape[1]
 
-        handles = [m.register_forward_pre_hook(pre_hook) for m in self.layers]
-        handles += [m.register_forward_hook(post_hook) for m in self.layers]
+        handles = [m.register_forward_pre_hook(pre_hook) for m in training]
+        handles += [m.register_forward_hook(post_hook) for m in training if m in solved]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
+        done = [m for m in order if m in solved and m in sizes]
+        if done:
+            for m, stats in zip(done, _solve_all(done, [old_of[m] for m in done], [sizes[m] for m in done])):
+                self._stats[m] = [stats]
+
+    @torch.no_grad()
+    def _copy_running_stats(self, modules: list[_BatchNorm]) -> list[Tensor]:
+        """``[mean_0, var_0, mean_1, ...]`` of ``modules`` copied into buffers reused across steps."""
+        if not modules:
+            return []
+        running = [t for m in modules for t in (m.running_mean, m.running_var)]
+        src = self._copy_src
+        if len(src) != len(running) or not all(map(operator.is_, src, running)):
+            self._copies = [torch.empty_like(t) for t in running]
+            self._copy_src = running
+        torch._foreach_copy_(self._copies, running)
+        return self._copies
 
     @contextmanager
     def replay(self) -> Iterator[None]:
@@ -133,13 +183,48 @@ class BatchNormStats:
                 m.track_running_stats = True
 
 
+class BatchNormSnapshot:
+    """BatchNorm buffers and a copy of them; :meth:`restore` puts the copy back (one foreach copy)."""
+
+    def __init__(self, buffers: list[Tensor], saved: list[Tensor]) -> None:
+        self.buffers = buffers
+        self.saved = saved
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        torch._foreach_copy_(self.buffers, self.saved)
+
+
 def _derivable(module: _BatchNorm) -> bool:
-    """Whether the batch statistics can be solved from the running-statistics update."""
+    """Whether the batch statistics can be solved from the running-statistics update with no host read.
+
+    Cumulative averaging (``momentum=None``) would need the batch count on the host: not solved.
+    """
     if not module.track_running_stats or module.running_mean is None or module.running_var is None:
         return False
-    if module.momentum is None:
-        return module.num_batches_tracked is not None
-    return module.momentum > 0
+    return module.momentum is not None and module.momentum > 0
+
+
+@torch.no_grad()
+def _solve(module: _BatchNorm, old_mean: Tensor, old_var: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Batch ``(mean, biased var)`` of one layer from its running statistics before and after one update."""
+    return _solve_all([module], [(old_mean, old_var)], [n])[0]
+
+
+@torch.no_grad()
+def _solve_all(modules: list[_BatchNorm], old: list[tuple[Tensor, Tensor]],
+               sizes: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """``s = r_old + (r_new - r_old) / m`` for every layer at once; variances rescaled by ``(n - 1) / n``."""
+    new = [t for m in modules for t in (m.running_mean, m.running_var)]
+    prev = [t for pair in old for t in pair]
+    stats = torch._foreach_sub(new, prev)
+    inv_m = [1.0 / float(m.momentum) for m in modules for _ in range(2)]
+    torch._foreach_mul_(stats, inv_m)
+    torch._foreach_add_(stats, prev)
+    variances = stats[1::2]
+    torch._foreach_mul_(variances, [(n - 1) / n for n in sizes])
+    torch._foreach_clamp_min_(variances, 0.0)
+    return list(zip(stats[0::2], variances))
 
 
 def _replaying_forward(module: _BatchNorm, stats: list[tuple[Tensor, Tensor]]):

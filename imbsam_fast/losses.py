@@ -17,10 +17,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .backends import resolve_loss_backend
-from .priors import ClassWeights, check_label_dtype, imbsam_weights, sample_weights
+from .backends.loss_dispatch import resolve_loss_backend
+from .labels import check_targets
+from .priors import ClassWeights, check_tail_mask, check_tail_weight, imbsam_weights, sample_weights
 
-__all__ = ["split_head_tail", "class_weighted_cross_entropy", "head_tail_cross_entropy"]
+__all__ = ["split_head_tail", "class_weighted_cross_entropy", "head_tail_cross_entropy", "weighted_sum"]
 
 
 def split_head_tail(
@@ -36,13 +37,15 @@ def split_head_tail(
             "per-sample losses must be 1-D with one entry per target: got losses of shape "
             f"{tuple(per_sample_losses.shape)} for targets of shape {tuple(targets.shape)}"
         )
-    return _weighted_sums(per_sample_losses, *sample_weights(weights, targets, ignore_index))
+    a, b = sample_weights(weights, targets, ignore_index)
+    batch = per_sample_losses.shape[0]
+    return weighted_sum(per_sample_losses, a, batch), weighted_sum(per_sample_losses, b, batch)
 
 
-def _weighted_sums(losses: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum_i a_i l_i / B, sum_i b_i l_i / B)`` for per-sample weights ``a``, ``b``."""
-    batch = max(losses.shape[0], 1)
-    return (a.to(losses.dtype) * losses).sum() / batch, (b.to(losses.dtype) * losses).sum() / batch
+def weighted_sum(losses: torch.Tensor, weights: torch.Tensor, denom: int) -> torch.Tensor:
+    """``sum_i w_i l_i / max(denom, 1)``, the weights moved to the losses' device and dtype (no host sync)."""
+    w = weights.to(device=losses.device, dtype=losses.dtype, non_blocking=True)
+    return (w * losses).sum() / max(denom, 1)
 
 
 def class_weighted_cross_entropy(
@@ -81,11 +84,8 @@ def head_tail_cross_entropy(
     ``tail_weight`` is required: the public code multiplies the tail loss by 2,
     the paper does not; say which one you want.
     """
-    mask = torch.as_tensor(tail_mask)
-    if mask.dtype != torch.bool or mask.ndim != 1 or mask.numel() == 0:
-        raise ValueError("tail_mask must be a non-empty 1-D bool tensor with one entry per class")
-    if not (0 <= tail_weight < float("inf")):
-        raise ValueError(f"tail_weight must be finite and >= 0, got {tail_weight}")
+    mask = check_tail_mask(tail_mask)
+    tail_weight = check_tail_weight(tail_weight)
     _check_logits(logits, targets, mask.numel(), label_smoothing)
     impl = resolve_loss_backend(backend, logits)
     if impl is not None:
@@ -96,6 +96,7 @@ def head_tail_cross_entropy(
 
 def _torch_cross_entropy(logits, targets, weights, ignore_index, label_smoothing):
     a, b = sample_weights(weights, targets, ignore_index)  # checks the labels before cross_entropy sees them
+    batch = targets.shape[0]
     losses = F.cross_entropy(
         logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
         targets,
@@ -103,18 +104,18 @@ def _torch_cross_entropy(logits, targets, weights, ignore_index, label_smoothing
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
     )
-    return _weighted_sums(losses, a, b)
+    return weighted_sum(losses, a, batch), weighted_sum(losses, b, batch)
 
 
 def _check_logits(logits: torch.Tensor, targets: torch.Tensor, num_classes: int, label_smoothing: float) -> None:
     if logits.ndim != 2:
         raise ValueError(f"logits must be 2-D (batch, classes), got shape {tuple(logits.shape)}")
-    if targets.ndim != 1 or targets.shape[0] != logits.shape[0]:
+    check_targets(targets)
+    if targets.shape[0] != logits.shape[0]:
         raise ValueError(
             f"targets must be 1-D with one label per row of logits: logits {tuple(logits.shape)}, "
             f"targets {tuple(targets.shape)}"
         )
-    check_label_dtype(targets)
     if logits.shape[1] != num_classes:
         raise ValueError(
             f"the class weights / tail mask have {num_classes} entries but logits have {logits.shape[1]} classes"

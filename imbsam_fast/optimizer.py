@@ -6,45 +6,40 @@ With per-sample losses ``l_i`` and per-class weights ``a`` (head) and ``b``
     L_head(w) + max_{||e|| <= rho} L_tail(w + e),
     L_head = sum_i a[y_i] l_i / B,   L_tail = sum_i b[y_i] l_i / B
 
-One step (the public reference's 2 forwards and 3 backwards)::
+One step, in the three-step API of the public reference::
 
-    g_h = grad L_head(w)                               first_step():  stash g_h
+    g_h = grad L_head(w)                               first_step():  stash g_h (moved aside, no copy)
     g_t = grad L_tail(w)                               second_step(): e = rho g_t / (||g_t|| + 1e-16), w <- w + e
     g_t' = grad L_tail(w + e), accumulated onto g_h    third_step():  w <- w_saved, base step on g_h + g_t'
+
+:meth:`ImbSAM.step` with a closure runs every pass itself, in the order a
+pass schedule gives (:mod:`imbsam_fast.schedules`: exact or fast), with the
+hook points of :mod:`imbsam_fast.hooks`. This module is the wrapper: param
+groups, the three phases, the non-finite policy and the state dict.
 """
 
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .backends import resolve_param_backend
-from .backends.buckets import Bucket
-from .batchnorm import BatchNormStats
-from .priors import ClassWeights, as_class_weights, sample_weights
+from .backends import Bucket, resolve_param_backend
+from .batchnorm import BatchNormSnapshot, BatchNormStats
+from .hooks import HookHandle, StepHooks
+from .labels import check_targets
+from .options import check_rho, class_weights_from
+from .priors import ClassWeights, sample_weights
+from .schedules import StepLosses, StepRun, check_index_closure, make_schedule
 
-__all__ = ["ImbSAM", "StepLosses"]
+__all__ = ["ImbSAM", "StepLosses", "NONFINITE"]
 
-MODES = ("exact", "fast")
-BN_STATS = ("reference", "first")
-FAST_BN = ("ghost", "replay-ghost", "replay")
 NONFINITE = ("skip", "raise", "none")
 
 _IDLE, _STASHED, _PERTURBED = "idle", "head gradient stashed", "weights perturbed"
-
-
-class StepLosses(NamedTuple):
-    """Losses seen by :meth:`ImbSAM.step`, detached, on the device they were computed on."""
-
-    head: Tensor
-    tail: Tensor
-    perturbed_tail: Tensor
-    per_sample: Tensor
 
 
 class ImbSAM(Optimizer):
@@ -56,37 +51,31 @@ class ImbSAM(Optimizer):
         base_optimizer: an optimizer class (built on the same param groups with
             ``base_kwargs``) or an already-built optimizer instance.
         rho: radius of the perturbation (public default 0.05).
-        tail_mask: bool tensor, one entry per class (``True`` = tail), or a
-            :class:`~imbsam_fast.priors.ClassWeights` preset. Needed only by
-            :meth:`step` with a closure.
-        tail_weight: factor on the tail loss when ``tail_mask`` is a bool mask
-            (public code's latest revision: 2).
+        tail_mask: bool tensor, one entry per class (``True`` = tail): the ImbSAM
+            preset with ``tail_weight``.
+        tail_weight: factor on the tail loss with ``tail_mask`` (default 2.0, the
+            public code's latest revision; the paper uses 1.0).
+        class_weights: a :class:`~imbsam_fast.priors.ClassWeights` (any preset of
+            the family: plain, SAM, ImbSAM, Focal-SAM), instead of ``tail_mask``.
+            :meth:`step` with a closure needs one of the two.
         mode: ``"exact"`` reproduces the reference passes (2 full forwards, 3
-            full backwards). ``"fast"`` runs one full forward and backward for
-            the head, and the tail gradient at w and at w + e on the tail
-            samples only (``closure(index)``); a batch with no tail sample takes
-            a plain step. Needs ``model``.
-        model: the module the closure runs; fast mode handles its BatchNorm
-            layers in the tail passes (``imbsam_fast.batchnorm``).
-        fast_bn: how fast mode's tail passes treat BatchNorm layers in training
-            mode: ``"ghost"`` adds ``ghost_batch`` random head samples (weight 0)
-            so that the layers normalize with, and differentiate through, the
-            statistics of a real batch; ``"replay"`` uses the full forward's
-            statistics as constants (cheaper; measured to lose accuracy, see
-            ``benchmarks/RESULTS.md``); ``"replay-ghost"`` replays in the pass at
-            w (the ascent direction) and uses the ghost batch at w + e (the
-            gradient that enters the update). Running statistics never move in
-            tail passes.
-        ghost_batch: head samples added to each tail pass with ``fast_bn="ghost"``.
-        bn_stats: exact mode only: ``"reference"`` (BatchNorm running statistics
-            update in both forwards, as the public code does) or ``"first"``
-            (only the first forward updates them, the common SAM fix).
-        backend: ``"auto" | "torch" | "triton" | "ext"`` for the parameter ops.
-        nonfinite: what to do when the combined gradient or the tail gradient
-            holds NaN/inf: ``"skip"`` the base step (weights restored, counted in
-            ``skipped_steps``, a warning), ``"raise"`` ``FloatingPointError``, or
-            ``"none"`` to not check (saves one read of the gradients and one host
-            sync per step).
+            full backwards). ``"fast"`` runs one full forward and backward for the
+            head and the tail gradient at w and at w + e on the tail samples only
+            (``closure(index)``). Needs ``model``.
+        model: the module the closure runs. Fast mode handles its BatchNorm
+            layers; in both modes a skipped non-finite step restores its
+            BatchNorm buffers.
+        bn_stats: exact mode only: ``"reference"`` (default; running statistics
+            update in both forwards, as the public code does) or ``"first"``.
+        fast_bn, ghost_batch: fast mode only: the BatchNorm treatment of the tail
+            passes, ``"replay-ghost"`` (default) or ``"ghost"``, and the number
+            of zero-weight head samples in a ghost batch (default 8, >= 1).
+        backend: ``"auto" | "torch" | "triton"`` for the parameter ops.
+        nonfinite: a NaN/inf in the tail or combined gradient: ``"skip"`` the base
+            step (weights and BatchNorm buffers restored, counted in
+            ``skipped_steps``, a warning), ``"raise"`` ``FloatingPointError``
+            after the same restore, or ``"none"`` (no check: saves one read of
+            the gradients and one host sync per step).
         ignore_index: label whose samples get zero weight in :meth:`step`.
     """
 
@@ -96,77 +85,43 @@ class ImbSAM(Optimizer):
         base_optimizer: Union[type[Optimizer], Optimizer],
         *,
         rho: float = 0.05,
-        tail_mask: Optional[Union[Tensor, Sequence[bool], ClassWeights]] = None,
-        tail_weight: float = 2.0,
+        tail_mask: Optional[Union[Tensor, Sequence[bool]]] = None,
+        tail_weight: Optional[float] = None,
+        class_weights: Optional[ClassWeights] = None,
         mode: str = "exact",
+        model: Optional[nn.Module] = None,
+        bn_stats: Optional[str] = None,
+        fast_bn: Optional[str] = None,
+        ghost_batch: Optional[int] = None,
         backend: str = "auto",
         nonfinite: str = "skip",
         ignore_index: int = -100,
-        model: Optional[nn.Module] = None,
-        bn_stats: str = "reference",
-        fast_bn: str = "replay-ghost",
-        ghost_batch: int = 8,
         **base_kwargs: Any,
     ) -> None:
-        if not rho >= 0.0:
-            raise ValueError(f"rho must be >= 0, got {rho}")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if mode == "fast" and model is None:
-            raise ValueError(
-                "mode='fast' needs model=<the module the closure runs>, to handle its BatchNorm layers in the "
-                "tail-only passes"
-            )
-        if fast_bn not in FAST_BN:
-            raise ValueError(f"fast_bn must be one of {', '.join(FAST_BN)}, got {fast_bn!r}")
-        if not isinstance(ghost_batch, int) or ghost_batch < 0:
-            raise ValueError(f"ghost_batch must be a non-negative int, got {ghost_batch!r}")
-        if bn_stats not in BN_STATS:
-            raise ValueError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
-        if bn_stats == "first" and model is None:
-            raise ValueError("bn_stats='first' needs model=<the module the closure runs>")
+        rho = check_rho(rho)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
-        if isinstance(base_optimizer, Optimizer):
-            if base_kwargs:
-                raise TypeError(
-                    f"base_kwargs {sorted(base_kwargs)} given with an already-built base optimizer; "
-                    "pass an optimizer class to build it here"
-                )
-            base = base_optimizer
-            if params is not None:
-                ours = {id(p) for p in _flatten_params(params)}
-                theirs = {id(p) for g in base.param_groups for p in g["params"]}
-                if ours != theirs:
-                    raise ValueError("params differ from the parameters of the given base optimizer instance")
-            super().__init__(base.param_groups, {"rho": rho})
-        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
-            if isinstance(base_optimizer, type) and issubclass(base_optimizer, ImbSAM):
-                raise TypeError("base_optimizer cannot itself be ImbSAM")
-            super().__init__(params, {"rho": rho, **base_kwargs})
-            base = base_optimizer(self.param_groups, **base_kwargs)
-        else:
-            raise TypeError(
-                f"base_optimizer must be a torch.optim.Optimizer class or instance, got {type(base_optimizer).__name__}"
-            )
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        weights = class_weights_from(tail_mask, tail_weight, class_weights)
+        self._weights_source = "tail_mask" if tail_mask is not None else "class weights"
+        self._bn = BatchNormStats(model) if model is not None else None
+        self.schedule = make_schedule(mode, model, self._bn, bn_stats=bn_stats, fast_bn=fast_bn,
+                                      ghost_batch=ghost_batch)
+        base = self._build_base(params, base_optimizer, rho, base_kwargs)
         self.base_optimizer = base
         self.param_groups = base.param_groups
         self.defaults.update({k: v for k, v in base.defaults.items() if k not in self.defaults})
-        for group in self.param_groups:
-            group.setdefault("rho", rho)
-            if not group["rho"] >= 0.0:
-                raise ValueError(f"rho must be >= 0, got {group['rho']}")
+        self._fill_rho()
 
-        self._set_class_weights(None if tail_mask is None else as_class_weights(tail_mask, tail_weight))
-        self.mode = mode
-        self.bn_stats = bn_stats
-        self.fast_bn = fast_bn
-        self.ghost_batch = ghost_batch
-        self._bn = BatchNormStats(model if model is not None else nn.Module())
+        self._set_class_weights(weights)
         self.nonfinite = nonfinite
         self.ignore_index = ignore_index
         devices = {p.device.type for g in self.param_groups for p in g["params"]}
         self._ops = resolve_param_backend(backend, devices)
+        self._step_hooks: list[StepHooks] = []
         self.steps = 0
         self.skipped_steps = 0
         self.last_step_skipped = False
@@ -175,6 +130,37 @@ class ImbSAM(Optimizer):
         self._backups: dict[Tensor, Tensor] = {}
         self._perturbed: list[Bucket] = []
         self._tail_norm: Optional[Tensor] = None
+        self._bn_backup: Optional[BatchNormSnapshot] = None
+
+    def _build_base(self, params: Any, base_optimizer: Any, rho: float, base_kwargs: dict[str, Any]) -> Optimizer:
+        if isinstance(base_optimizer, Optimizer):
+            if isinstance(base_optimizer, ImbSAM):
+                raise TypeError("base_optimizer cannot itself be ImbSAM")
+            if base_kwargs:
+                raise TypeError(
+                    f"base_kwargs {sorted(base_kwargs)} given with an already-built base optimizer; "
+                    "pass an optimizer class to build it here"
+                )
+            if params is not None:
+                ours = {id(p) for p in _flatten_params(params)}
+                theirs = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+                if ours != theirs:
+                    raise ValueError("params differ from the parameters of the given base optimizer instance")
+            super().__init__(base_optimizer.param_groups, {"rho": rho})
+            return base_optimizer
+        if isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+            if issubclass(base_optimizer, ImbSAM):
+                raise TypeError("base_optimizer cannot itself be ImbSAM")
+            super().__init__(params, {"rho": rho, **base_kwargs})
+            return base_optimizer(self.param_groups, **base_kwargs)
+        raise TypeError(
+            f"base_optimizer must be a torch.optim.Optimizer class or instance, got {type(base_optimizer).__name__}"
+        )
+
+    def _fill_rho(self) -> None:
+        """Every group gets ``rho`` (the default where it has none), checked."""
+        for group in self.param_groups:
+            group["rho"] = check_rho(group.setdefault("rho", self.defaults["rho"]))
 
     def _set_class_weights(self, weights: Optional[ClassWeights]) -> None:
         self.class_weights = weights
@@ -184,17 +170,34 @@ class ImbSAM(Optimizer):
         self._has_tail = weights is None or bool((weights.tail != 0).any())
 
     @property
+    def mode(self) -> str:
+        """``"exact"`` or ``"fast"``: the pass schedule :meth:`step` runs."""
+        return self.schedule.name
+
+    @property
     def backend(self) -> str:
-        """Name of the parameter-op backend in use (``"torch"``, ``"triton"``, ...)."""
-        return self._ops.name
+        """The parameter-op backend that ran: ``"torch"``, ``"triton"``, or ``"triton+torch"`` when some
+        buckets fell back to the torch ops (``backend_fallbacks`` says why)."""
+        return self._ops.name + ("+torch" if self._ops.fallbacks else "")
+
+    @property
+    def backend_fallbacks(self) -> set[str]:
+        """Why buckets went through the torch ops instead of the chosen backend (e.g. ``{"torch.float64"}``)."""
+        return set(self._ops.fallbacks)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "base_optimizer" not in self.__dict__:
             super().add_param_group(param_group)
             return
         self.base_optimizer.add_param_group(param_group)
-        group = self.base_optimizer.param_groups[-1]
-        group.setdefault("rho", self.defaults["rho"])
+        self._fill_rho()
+
+    def register_step_hooks(self, hooks: StepHooks) -> HookHandle:
+        """Call ``hooks`` at the hook points of every :meth:`step` (see :mod:`imbsam_fast.hooks`)."""
+        if not isinstance(hooks, StepHooks):
+            raise TypeError(f"hooks must subclass imbsam_fast.hooks.StepHooks, got {type(hooks).__name__}")
+        self._step_hooks.append(hooks)
+        return HookHandle(self._step_hooks, hooks)
 
     # ------------------------------------------------------------------ phases
 
@@ -243,7 +246,7 @@ class ImbSAM(Optimizer):
         pairs = self._params_with_grad()
         by_key: dict[tuple[torch.device, torch.dtype, float], Bucket] = {}
         for group, p in pairs:
-            key = (p.device, p.dtype, float(group["rho"]))
+            key = (p.device, p.dtype, group["rho"])
             b = by_key.get(key)
             if b is None:
                 b = by_key[key] = Bucket([], [], [], key[2])
@@ -268,13 +271,20 @@ class ImbSAM(Optimizer):
         self._ops.restore_(self._perturbed)
         self._perturbed = []
         self._phase = _IDLE
+        self._base_step(zero_grad)
+
+    @torch.no_grad()
+    def _base_step(self, zero_grad: bool = True) -> None:
+        """The ``before_base_step`` hooks, the non-finite policy, then the base optimizer's step."""
         self._opt_called = True
         self.steps += 1
+        for h in self._step_hooks:
+            h.before_base_step(self)
         if self._skip_if_nonfinite():
             return
         self.base_optimizer.step()
         if zero_grad:
-            self.zero_grad(set_to_none=True)
+            _clear_grads(self.param_groups)
 
     def _skip_if_nonfinite(self) -> bool:
         """Apply the ``nonfinite`` policy; True when the base step must be skipped."""
@@ -283,14 +293,24 @@ class ImbSAM(Optimizer):
             return False
         self.skipped_steps += 1
         self.last_step_skipped = True
-        self.zero_grad(set_to_none=True)
+        _clear_grads(self.param_groups)
+        restored = self._bn_backup is not None
+        if restored:
+            self._bn_backup.restore()
+            self._bn_backup = None
         msg = (
             f"ImbSAM step {self.steps}: non-finite gradient; the base step was skipped and the weights "
             "left as they were"
         )
+        if restored:
+            msg += ", BatchNorm buffers too"
+        elif self._bn is None:
+            msg += " (BatchNorm buffers, if any, keep this step's update: pass model= to restore them)"
+        else:
+            msg += " (BatchNorm buffers are restored only by step(closure, targets))"
         if self.nonfinite == "raise":
             raise FloatingPointError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
         return True
 
     def _grads_finite(self) -> bool:
@@ -320,9 +340,17 @@ class ImbSAM(Optimizer):
     ) -> Optional[StepLosses]:
         """One ImbSAM step, running every pass itself.
 
-        ``closure(index=None)`` must run the forward and return per-sample losses
-        for the whole batch (shape ``(B,)``). ``targets`` are the batch's labels.
-        Returns the losses seen, detached, with no host sync.
+        ``closure()`` must run the forward and return per-sample losses for the
+        whole batch (shape ``(B,)``); in fast mode it is also called as
+        ``closure(index)`` for a subset. ``targets`` are the batch's labels, a
+        1-D integer tensor. Returns the losses seen, detached, with no host sync.
+
+        Gradients already in ``.grad`` when the step starts are kept: they join
+        the head gradient ``g_h`` (taken at w), so an auxiliary loss backpropagated
+        before the call enters the update unperturbed. An empty batch (``B = 0``)
+        is a no-op: the closure is not called and no state changes. A step that
+        fails half-way is undone (weights restored, gradients cleared) before
+        the error propagates.
 
         With no closure, this is the base optimizer's ``step()``, so ImbSAM can
         stand in for a plain optimizer.
@@ -339,120 +367,25 @@ class ImbSAM(Optimizer):
                 "ImbSAM.step(closure) needs targets=<batch labels>; call step() with no closure for a plain base step"
             )
         if self.class_weights is None:
-            raise ValueError("ImbSAM.step(closure, targets) needs tail_mask (or ClassWeights) at construction")
+            raise ValueError("ImbSAM.step(closure, targets) needs tail_mask= or class_weights= at construction")
         self._require(_IDLE, "step")
+        check_targets(targets)
+        if self.schedule.name == "fast":
+            check_index_closure(closure)
+        batch = targets.shape[0]
+        if batch == 0:
+            zero = torch.zeros((), device=targets.device)
+            return StepLosses(zero, zero.clone(), zero.clone(), torch.zeros(0, device=targets.device))
         head_w, tail_w = self._sample_weights(targets)
-        if self.mode == "fast":
-            return self._step_fast(closure, targets, head_w, tail_w)
-        return self._step_exact(closure, targets, head_w, tail_w)
-
-    def _step_exact(
-        self, closure: Callable[..., Tensor], targets: Tensor, head_w: Tensor, tail_w: Tensor
-    ) -> StepLosses:
-        """The reference's passes: full forward, head and tail backward on it, full perturbed forward and backward."""
-        batch = targets.shape[0]
-        denom = max(batch, 1)
-        losses = self._run_closure(closure, batch)
-        head = _weighted_sum(head_w, losses, denom)
-        tail = _weighted_sum(tail_w, losses, denom)
-        self.zero_grad(set_to_none=True)
-        if not self._has_tail:
-            head.backward()
-            self._plain_step()
-            return StepLosses(head.detach(), tail.detach(), torch.zeros_like(tail.detach()), losses.detach())
-        if self._has_head:
-            head.backward(retain_graph=True)
-        self.first_step()
-        tail.backward()
-        self.second_step()
-        context = self._bn.freeze_running_stats if self.bn_stats == "first" else nullcontext
-        tail2 = self._tail_pass(closure, batch, None, tail_w, denom, context)
-        self.third_step()
-        return StepLosses(head.detach(), tail.detach(), tail2, losses.detach())
-
-    def _step_fast(
-        self, closure: Callable[..., Tensor], targets: Tensor, head_w: Tensor, tail_w: Tensor
-    ) -> StepLosses:
-        """One full-batch pass for the head; the tail gradient at w and at w + e from the tail samples only.
-
-        BatchNorm layers in training mode see, in each tail pass, either a
-        ghost batch (the tail samples plus ``ghost_batch`` random head samples
-        of zero weight, normalized by their own batch statistics so that
-        gradients flow through the statistics as in a full batch) or the full
-        forward's replayed statistics. ``fast_bn`` picks per pass: ``"ghost"``
-        both ghost, ``"replay"`` both replay, ``"replay-ghost"`` replay for the
-        ascent direction at w and a ghost batch for the gradient at w + e (the
-        one that enters the update). Running statistics move only in the full
-        forward. See ``batchnorm.py``.
-        """
-        batch = targets.shape[0]
-        denom = max(batch, 1)
-        # The tail passes are sized by the number of tail samples: reading it is one
-        # host sync per step when the targets live on an accelerator (none on the CPU).
-        index = torch.nonzero(tail_w).squeeze(1) if self._has_tail else tail_w.new_zeros(0, dtype=torch.long)
-        bn = index.numel() > 0 and self._bn.active()
-        ascent_ghost = bn and self.fast_bn == "ghost"
-        perturbed_ghost = bn and self.fast_bn in ("ghost", "replay-ghost")
-        with self._bn.record() if bn and not (ascent_ghost and perturbed_ghost) else nullcontext():
-            losses = self._run_closure(closure, batch)
-        head = _weighted_sum(head_w, losses, denom)
-        tail = _weighted_sum(tail_w, losses.detach(), denom)
-        self.zero_grad(set_to_none=True)
-        if index.numel() == 0:
-            head.backward()
-            self._plain_step()
-            return StepLosses(head.detach(), tail, torch.zeros_like(tail), losses.detach())
-        if self._has_head:
-            head.backward()
-        self.first_step()
-        ghosts = self._with_ghosts(index, tail_w) if perturbed_ghost else index
-        first = ghosts if ascent_ghost else index
-        self._tail_pass(closure, batch, first, tail_w[first], denom,
-                        self._bn.freeze_running_stats if ascent_ghost else self._bn.replay)
-        self.second_step()
-        second = ghosts if perturbed_ghost else index
-        tail2 = self._tail_pass(closure, batch, second, tail_w[second], denom,
-                                self._bn.freeze_running_stats if perturbed_ghost else self._bn.replay)
-        self.third_step()
-        return StepLosses(head.detach(), tail, tail2, losses.detach())
-
-    def _tail_pass(self, closure: Callable[..., Tensor], batch: int, index: Optional[Tensor], weights: Tensor,
-                   denom: int, context: Callable[[], Any]) -> Tensor:
-        """Forward ``closure(index)`` and backward ``sum_i w_i l_i / denom`` within ``context()``.
-
-        Any error undoes the step so far (weights restored, gradients cleared) before it propagates.
-        """
+        self._bn_backup = self._bn.snapshot() if self._bn is not None and self.nonfinite != "none" else None
+        run = StepRun(self, closure, batch, self._step_hooks)
         try:
-            with context():
-                loss = _weighted_sum(weights, self._run_closure(closure, batch, index), denom)
-                loss.backward()
+            return self.schedule.run(run, targets, head_w, tail_w, self._has_head, self._has_tail)
         except BaseException:
             self._abort()
             raise
-        return loss.detach()
-
-    def _with_ghosts(self, index: Tensor, tail_w: Tensor) -> Tensor:
-        """``index`` plus up to ``ghost_batch`` head samples drawn at random (torch's global RNG), sorted.
-
-        The head samples get random keys and the tail samples +inf, so the ghosts are the
-        ``k`` smallest keys: no second host sync (``k`` follows from the tail count already read).
-        """
-        k = min(self.ghost_batch, tail_w.numel() - index.numel())
-        if k <= 0:
-            return index
-        keys = torch.rand(tail_w.shape, device=tail_w.device).masked_fill(tail_w != 0, float("inf"))
-        pick = torch.topk(keys, k, largest=False).indices
-        return torch.cat([index, pick]).sort().values
-
-    @torch.no_grad()
-    def _plain_step(self) -> None:
-        """The base step on the gradients at hand, with the non-finite check."""
-        self._opt_called = True
-        self.steps += 1
-        if self._skip_if_nonfinite():
-            return
-        self.base_optimizer.step()
-        self.zero_grad(set_to_none=True)
+        finally:
+            self._bn_backup = None
 
     def _sample_weights(self, targets: Tensor) -> tuple[Tensor, Tensor]:
         assert self.class_weights is not None
@@ -460,31 +393,18 @@ class ImbSAM(Optimizer):
         if weights is None:
             weights = self.class_weights.to(targets.device)
             self._weights_on[targets.device] = weights
-        return sample_weights(weights, targets, self.ignore_index)
-
-    @staticmethod
-    def _run_closure(closure: Callable[..., Tensor], batch: int, index: Optional[Tensor] = None) -> Tensor:
-        with torch.enable_grad():
-            losses = closure() if index is None else closure(index)
-        expected = batch if index is None else index.shape[0]
-        if not isinstance(losses, Tensor) or losses.shape != (expected,):
-            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-            raise ValueError(
-                f"the closure must return per-sample losses of shape ({expected},) "
-                f"(reduction='none'), got {shape}"
-            )
-        if not losses.requires_grad:
-            raise ValueError("the closure's losses do not require grad; run the forward inside the closure")
-        return losses
+        return sample_weights(weights, targets, self.ignore_index, self._weights_source)
 
     @torch.no_grad()
     def _abort(self) -> None:
-        """Undo a step interrupted between the perturbation and the restore."""
-        self._ops.restore_(self._perturbed)
+        """Undo a step interrupted anywhere: weights restored from their backups, gradients cleared."""
+        if self._perturbed:
+            self._ops.restore_(self._perturbed)
         self._perturbed = []
         self._head_grads = {}
+        self._tail_norm = None
         self._phase = _IDLE
-        self.zero_grad(set_to_none=True)
+        _clear_grads(self.param_groups)
 
     # ----------------------------------------------------------- checkpoint
 
@@ -504,12 +424,14 @@ class ImbSAM(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load an ImbSAM state dict, or a plain base-optimizer one (``rho`` then comes from the defaults)."""
         if self._phase != _IDLE:
             raise RuntimeError(f"cannot load into ImbSAM in the middle of a step (state '{self._phase}')")
         sd = dict(state_dict)
         own = sd.pop("imbsam", None)
         self.base_optimizer.load_state_dict(sd)
         self.param_groups = self.base_optimizer.param_groups
+        self._fill_rho()
         if own is not None:
             self.steps = int(own["steps"])
             self.skipped_steps = int(own["skipped_steps"])
@@ -524,9 +446,10 @@ class ImbSAM(Optimizer):
         )
 
 
-def _weighted_sum(weights: Tensor, losses: Tensor, denom: int) -> Tensor:
-    """``sum_i w_i l_i / denom``, the weights moved to the losses' device and dtype."""
-    return (weights.to(device=losses.device, dtype=losses.dtype, non_blocking=True) * losses).sum() / denom
+def _clear_grads(groups: list[dict[str, Any]]) -> None:
+    for group in groups:
+        for p in group["params"]:
+            p.grad = None
 
 
 def _flatten_params(params: Any) -> list[Tensor]:

@@ -22,6 +22,8 @@ from typing import Sequence, Union
 
 import torch
 
+from .labels import check_labels, check_targets
+
 __all__ = [
     "ClassWeights",
     "tail_class_mask",
@@ -30,7 +32,8 @@ __all__ = [
     "sam_weights",
     "imbsam_weights",
     "focal_sam_weights",
-    "as_class_weights",
+    "check_tail_mask",
+    "check_tail_weight",
     "sample_weights",
 ]
 
@@ -121,13 +124,30 @@ def imbsam_weights(tail_mask: torch.Tensor | Sequence[bool], tail_weight: float 
     ``tail_weight=2`` follows the public code's latest revision, which doubles
     the tail loss; pass 1.0 for the paper's unweighted form.
     """
+    m = check_tail_mask(tail_mask).to(torch.float32)
+    return ClassWeights(1.0 - m, check_tail_weight(tail_weight) * m)
+
+
+def check_tail_mask(tail_mask: object) -> torch.Tensor:
+    """``tail_mask`` as a bool tensor, or ``ValueError``: it must be 1-D, non-empty, one bool per class."""
+    if isinstance(tail_mask, ClassWeights):
+        raise TypeError("tail_mask takes a bool mask; pass ClassWeights presets as class_weights=")
     mask = torch.as_tensor(tail_mask)
     if mask.dtype != torch.bool or mask.ndim != 1 or mask.numel() == 0:
-        raise ValueError("tail_mask must be a non-empty 1-D bool tensor with one entry per class")
-    if not (tail_weight >= 0 and tail_weight < float("inf")):
+        raise ValueError(
+            f"tail_mask must be a non-empty 1-D bool tensor with one entry per class, got "
+            f"{mask.dtype} of shape {tuple(mask.shape)}"
+        )
+    return mask
+
+
+def check_tail_weight(tail_weight: object) -> float:
+    """``tail_weight`` as a float, or an error: a finite real number ``>= 0``."""
+    if isinstance(tail_weight, bool) or not isinstance(tail_weight, (int, float)):
+        raise TypeError(f"tail_weight must be a real number, got {type(tail_weight).__name__}")
+    if not 0.0 <= tail_weight < float("inf"):
         raise ValueError(f"tail_weight must be finite and >= 0, got {tail_weight}")
-    m = mask.to(torch.float32)
-    return ClassWeights(1.0 - m, tail_weight * m)
+    return float(tail_weight)
 
 
 def focal_sam_weights(class_counts: CountsLike, lam: float = 1.0, gamma: float = 2.0) -> ClassWeights:
@@ -148,53 +168,21 @@ def focal_sam_weights(class_counts: CountsLike, lam: float = 1.0, gamma: float =
     return ClassWeights(1.0 - c, c)
 
 
-def as_class_weights(spec: ClassWeights | torch.Tensor | Sequence[bool], tail_weight: float = 2.0) -> ClassWeights:
-    """Accept a bool tail mask (ImbSAM preset with ``tail_weight``) or ready ``ClassWeights``."""
-    if isinstance(spec, ClassWeights):
-        return spec
-    return imbsam_weights(spec, tail_weight)
-
-
 def sample_weights(
-    weights: ClassWeights, targets: torch.Tensor, ignore_index: int = -100
+    weights: ClassWeights, targets: torch.Tensor, ignore_index: int = -100, source: str = "class weights"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample weights ``(a[y_i], b[y_i])``; samples with ``y_i == ignore_index`` get 0.
 
-    Labels outside ``[0, C)`` (other than ``ignore_index``) raise ``ValueError`` on
-    CPU; on an accelerator they trip a device-side assert, so no host sync is made.
+    Labels outside
+    ``[0, C)`` (other than ``ignore_index``) raise ``ValueError`` on CPU; on an
+    accelerator they trip a device-side assert, so no host sync is made.
     """
-    if targets.ndim != 1:
-        raise ValueError(f"targets must be 1-D (one label per sample), got shape {tuple(targets.shape)}")
-    check_label_dtype(targets)
+    check_targets(targets)
     ignored = targets == ignore_index
-    check_labels(targets, weights.num_classes, ignored)
-    safe = torch.where(ignored, torch.zeros_like(targets), targets)
-    head = weights.head.to(targets.device)[safe].masked_fill(ignored, 0.0)
-    tail = weights.tail.to(targets.device)[safe].masked_fill(ignored, 0.0)
-    return head, tail
-
-
-def check_label_dtype(targets: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless ``targets`` holds integer class labels."""
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
-        raise ValueError(f"targets must be integer class labels, got {targets.dtype}")
-
-
-def check_labels(targets: torch.Tensor, num_classes: int, ignored: torch.Tensor | None = None) -> None:
-    """Raise (CPU) or assert on device (accelerators) that every label lies in ``[0, num_classes)``."""
-    valid = (targets >= 0) & (targets < num_classes)
-    if ignored is not None:
-        valid = valid | ignored
-    if targets.device.type == "cpu":
-        # CPU tensors: reading the flag is not a device sync, so fail eagerly with a clear message.
-        if targets.numel() and not bool(valid.all()):
-            bad = targets[~valid]
-            raise ValueError(
-                f"labels must lie in [0, {num_classes}) (or equal ignore_index); "
-                f"got {bad.numel()} outside, e.g. {bad[0].item()}"
-            )
-    else:
-        torch._assert_async(valid.all(), f"labels must lie in [0, {num_classes}) (or equal ignore_index)")
+    check_labels(targets, weights.num_classes, ignored, ignore_index, source)
+    safe = targets.masked_fill(ignored, 0)
+    head, tail = weights.head.to(targets.device), weights.tail.to(targets.device)
+    return head[safe].masked_fill(ignored, 0.0), tail[safe].masked_fill(ignored, 0.0)
 
 
 def _check_num_classes(num_classes: int) -> None:

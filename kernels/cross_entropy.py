@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from imbsam_fast.labels import check_label_flag
+
 __all__ = ["class_masked_cross_entropy", "ClassMaskedCrossEntropy"]
 
 MAX_BLOCK_C = 4096
@@ -158,7 +160,7 @@ class ClassMaskedCrossEntropy(torch.autograd.Function):
                 FROM_MASK=from_mask, BLOCK_C=block, num_warps=_warps(block),
             )
             _weighted_sums_kernel[(1,)](losses, row_w[0], row_w[1], sums, batch, inv_b, BLOCK=1024, num_warps=4)
-            _check_flag(sums[2:].view(torch.int32), targets, num_classes, ignore_index)
+            check_label_flag(sums[2:].view(torch.int32), num_classes, ignore_index)
         ctx.save_for_backward(grad, row_w)
         ctx.inv_b = inv_b
         return sums[0], sums[1], losses
@@ -180,17 +182,6 @@ class ClassMaskedCrossEntropy(torch.autograd.Function):
                 BLOCK_C=block, num_warps=_warps(block),
             )
         return dlogits, None, None, None, None, None, None, None
-
-
-def _check_flag(flag: Tensor, targets: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Labels outside ``[0, C)``: ``ValueError`` on CPU, a device-side assert elsewhere (no host sync)."""
-    msg = f"labels must lie in [0, {num_classes}) (or equal ignore_index={ignore_index})"
-    if flag.device.type == "cpu":
-        # CPU tensors: reading the flag is not a device sync.
-        if bool(flag[0] != 0):
-            raise ValueError(msg)
-    else:
-        torch._assert_async(flag[0] == 0, msg)
 
 
 def class_masked_cross_entropy(

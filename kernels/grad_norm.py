@@ -20,8 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import multi_tensor
-from .multi_tensor import PointerTables, chunk_base, chunk_of, chunk_table, numels, triton_dtype
+from .multi_tensor import DEFAULT_LAUNCH, LaunchConfig, PointerTables, chunk_base, chunk_of, chunk_table, launch, numels
 
 __all__ = ["sq_norm_partials", "sum_partials", "sq_norm"]
 
@@ -53,23 +52,15 @@ def _sum_kernel(x, n, out, BLOCK: tl.constexpr):
     tl.store(out, tl.sum(acc, axis=0))
 
 
-def sq_norm_partials(grads: list[Tensor], partials: Tensor, tables: PointerTables) -> None:
+def sq_norm_partials(grads: list[Tensor], partials: Tensor, tables: PointerTables,
+                     cfg: LaunchConfig = DEFAULT_LAUNCH) -> None:
     """Stage 1: write one partial sum of squares per chunk into ``partials`` (fp32, one slot per chunk)."""
-    device = grads[0].device
-    cfg = multi_tensor.LAUNCH
-    ct = chunk_table(numels(grads), device, cfg.chunk)
-    if ct.num_chunks == 0:
-        return
-    ptrs, aligned = tables.get([grads], device)
-    _sq_norm_partials_kernel[(ct.num_chunks,)](
-        ptrs, len(grads), ct.sizes, ct.chunk_tensor, ct.chunk_start, partials,
-        DTYPE=triton_dtype(grads[0].dtype), ALIGNED=aligned, CHUNK=cfg.chunk, BLOCK=cfg.block, num_warps=cfg.num_warps,
-    )
+    launch(_sq_norm_partials_kernel, [grads], tables, cfg, partials)
 
 
-def num_chunks(tensors: list[Tensor]) -> int:
+def num_chunks(tensors: list[Tensor], cfg: LaunchConfig = DEFAULT_LAUNCH) -> int:
     """Number of stage-1 partials ``tensors`` produce."""
-    return chunk_table(numels(tensors), tensors[0].device, multi_tensor.LAUNCH.chunk).num_chunks
+    return chunk_table(numels(tensors), tensors[0].device, cfg.chunk).num_chunks
 
 
 def sum_partials(partials: Tensor, out: Tensor) -> Tensor:
@@ -78,16 +69,16 @@ def sum_partials(partials: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def sq_norm(grad_lists: list[list[Tensor]], tables: PointerTables) -> Tensor:
+def sq_norm(grad_lists: list[list[Tensor]], tables: PointerTables, cfg: LaunchConfig = DEFAULT_LAUNCH) -> Tensor:
     """``s = sum over all lists and tensors of ||g||_2^2``: stage 1 per list, one stage 2; all on one device."""
     grad_lists = [gs for gs in grad_lists if gs]
     device = grad_lists[0][0].device
-    counts = [num_chunks(gs) for gs in grad_lists]
+    counts = [num_chunks(gs, cfg) for gs in grad_lists]
     partials = torch.empty(max(sum(counts), 1), dtype=torch.float32, device=device)
     if sum(counts) == 0:
         partials.zero_()
     offset = 0
     for gs, n in zip(grad_lists, counts):
-        sq_norm_partials(gs, partials[offset : offset + n], tables)
+        sq_norm_partials(gs, partials[offset : offset + n], tables, cfg)
         offset += n
     return sum_partials(partials, torch.empty((), dtype=torch.float32, device=device))

@@ -23,7 +23,6 @@ on the host, passed as ``ALIGNED``) and chunk starts at multiples of
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,8 +35,8 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = [
-    "CHUNK", "BLOCK", "ChunkTable", "chunk_table", "PointerTables", "interpreting", "triton_dtype", "chunk_base",
-    "chunk_of", "numels", "LaunchConfig", "LAUNCH",
+    "CHUNK", "BLOCK", "ChunkTable", "chunk_table", "PointerTables", "triton_dtype", "chunk_base",
+    "chunk_of", "numels", "LaunchConfig", "DEFAULT_LAUNCH", "launch",
 ]
 
 _data_ptr = torch.Tensor.data_ptr
@@ -47,11 +46,12 @@ CHUNK = 4096
 BLOCK = 2048
 
 
-@dataclass
+@dataclass(frozen=True)
 class LaunchConfig:
     """Elements per program (``chunk``, a multiple of ``block``), per loop step (``block``), and warps.
 
-    The defaults were chosen on an H100 (``benchmarks/RESULTS.md``); change ``LAUNCH`` to tune.
+    The defaults were chosen on an H100 (``benchmarks/RESULTS.md``); pass another
+    config to the kernels (or to ``TritonParamOps``) to tune.
     """
 
     chunk: int = CHUNK
@@ -63,7 +63,7 @@ class LaunchConfig:
             raise ValueError(f"block must be a power of two >= 16 dividing chunk, got {self}")
 
 
-LAUNCH = LaunchConfig()
+DEFAULT_LAUNCH = LaunchConfig()
 
 
 @triton.jit
@@ -82,11 +82,6 @@ def chunk_base(ptrs, row, num_tensors, t, start, DTYPE: tl.constexpr, ALIGNED: t
     if ALIGNED:
         addr = tl.multiple_of(addr, 16)
     return addr.to(tl.pointer_type(DTYPE))
-
-
-def interpreting() -> bool:
-    """True when Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_dtype(dtype: torch.dtype):
@@ -156,3 +151,25 @@ class PointerTables:
 
     def clear(self) -> None:
         self._cache.clear()
+
+
+def launch(kernel, lists: list[list[Tensor]], tables: PointerTables, cfg: LaunchConfig, *args, **constexprs) -> int:
+    """Run a multi-tensor ``kernel`` with one program per chunk of the tensors of ``lists[0]``.
+
+    Every multi-tensor kernel takes ``(ptrs, num_tensors, sizes, chunk_tensor,
+    chunk_start, *args)`` and the constexprs ``DTYPE``, ``ALIGNED``, ``CHUNK``,
+    ``BLOCK``; ``lists`` are parallel lists of same-shape tensors of one dtype on
+    one device. Returns the number of programs launched (0 launches nothing).
+    """
+    first = lists[0]
+    device = first[0].device
+    ct = chunk_table(numels(first), device, cfg.chunk)
+    if ct.num_chunks == 0:
+        return 0
+    ptrs, aligned = tables.get(lists, device)
+    kernel[(ct.num_chunks,)](
+        ptrs, len(first), ct.sizes, ct.chunk_tensor, ct.chunk_start, *args,
+        DTYPE=triton_dtype(first[0].dtype), ALIGNED=aligned, CHUNK=cfg.chunk, BLOCK=cfg.block,
+        num_warps=cfg.num_warps, **constexprs,
+    )
+    return ct.num_chunks

@@ -16,8 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import multi_tensor
-from .multi_tensor import PointerTables, chunk_base, chunk_of, chunk_table, numels, triton_dtype
+from .multi_tensor import DEFAULT_LAUNCH, LaunchConfig, PointerTables, chunk_base, chunk_of, launch
 
 __all__ = ["perturb_"]
 
@@ -48,15 +47,6 @@ def _perturb_kernel(
 
 
 def perturb_(params: list[Tensor], grads: list[Tensor], backups: list[Tensor], sq_norm: Tensor, rho: float,
-             eps: float, tables: PointerTables) -> None:
+             eps: float, tables: PointerTables, cfg: LaunchConfig = DEFAULT_LAUNCH) -> None:
     """``backup <- w; w <- w + rho / (sqrt(sq_norm) + eps) * g`` over one bucket (contiguous, one dtype/device)."""
-    device = params[0].device
-    cfg = multi_tensor.LAUNCH
-    ct = chunk_table(numels(params), device, cfg.chunk)
-    if ct.num_chunks == 0:
-        return
-    ptrs, aligned = tables.get([params, grads, backups], device)
-    _perturb_kernel[(ct.num_chunks,)](
-        ptrs, len(params), ct.sizes, ct.chunk_tensor, ct.chunk_start, sq_norm, float(rho), float(eps),
-        DTYPE=triton_dtype(params[0].dtype), ALIGNED=aligned, CHUNK=cfg.chunk, BLOCK=cfg.block, num_warps=cfg.num_warps,
-    )
+    launch(_perturb_kernel, [params, grads, backups], tables, cfg, sq_norm, float(rho), float(eps))

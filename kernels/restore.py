@@ -14,8 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import multi_tensor
-from .multi_tensor import PointerTables, chunk_base, chunk_of, chunk_table, numels, triton_dtype
+from .multi_tensor import DEFAULT_LAUNCH, LaunchConfig, PointerTables, chunk_base, chunk_of, launch
 
 __all__ = ["restore_"]
 
@@ -37,15 +36,7 @@ def _restore_kernel(
     tl.store(w_ptr + offs, tl.load(b_ptr + offs, mask=mask), mask=mask)
 
 
-def restore_(params: list[Tensor], backups: list[Tensor], tables: PointerTables) -> None:
+def restore_(params: list[Tensor], backups: list[Tensor], tables: PointerTables,
+             cfg: LaunchConfig = DEFAULT_LAUNCH) -> None:
     """``w <- backup`` over one bucket (contiguous tensors of one dtype on one device)."""
-    device = params[0].device
-    cfg = multi_tensor.LAUNCH
-    ct = chunk_table(numels(params), device, cfg.chunk)
-    if ct.num_chunks == 0:
-        return
-    ptrs, aligned = tables.get([params, backups], device)
-    _restore_kernel[(ct.num_chunks,)](
-        ptrs, len(params), ct.sizes, ct.chunk_tensor, ct.chunk_start,
-        DTYPE=triton_dtype(params[0].dtype), ALIGNED=aligned, CHUNK=cfg.chunk, BLOCK=cfg.block, num_warps=cfg.num_warps,
-    )
+    launch(_restore_kernel, [params, backups], tables, cfg)

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imbsam_fast.cli import main
-from imbsam_fast.data.cifar import cifar_lt
-from imbsam_fast.data.list_file import list_file_split, read_list_file
-from imbsam_fast.lt_losses import make_loss
+from imbsam_fast.apps.cli import main
+from imbsam_fast.apps.data.cifar import cifar_lt
+from imbsam_fast.apps.data.list_file import list_file_split, read_list_file
+from imbsam_fast.apps.lt_losses import make_loss
 
 
 def _run(capsys, *argv):

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from models import image_batches, small_cnn
-from reference import ReferenceImbSAM, reference_train_step
 
 from imbsam_fast import ImbSAM
+from imbsam_fast.reference import ReferenceImbSAM, reference_train_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from imbsam_fast import ClassWeights, class_weighted_cross_entropy, head_tail_cross_entropy
-from imbsam_fast.kernels.multi_tensor import interpreting
+from imbsam_fast.backends.kernels import interpreting
 
 pytestmark = pytest.mark.skipif(
     not (interpreting() or torch.cuda.is_available()), reason="needs TRITON_INTERPRET=1 or a CUDA device"

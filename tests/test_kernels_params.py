@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from imbsam_fast.backends.buckets import Bucket
+from imbsam_fast.backends.kernels import interpreting
 from imbsam_fast.backends.torch_ops import TorchParamOps
 from imbsam_fast.backends.triton_ops import TritonParamOps
-from imbsam_fast.kernels.multi_tensor import interpreting
 
 pytestmark = pytest.mark.skipif(
     not (interpreting() or torch.cuda.is_available()), reason="needs TRITON_INTERPRET=1 or a CUDA device"

@@ -205,7 +205,7 @@ def test_sam_preset_is_plain_sam_with_two_passes():
     torch.manual_seed(0)
     model = mlp()
     twin = copy.deepcopy(model)
-    opt = ImbSAM(model.parameters(), torch.optim.SGD, rho=0.1, tail_mask=sam_weights(10), lr=0.1)
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, rho=0.1, class_weights=sam_weights(10), lr=0.1)
     sgd = torch.optim.SGD(twin.parameters(), lr=0.1)
     for x, y in vector_batches(3):
         calls = []
@@ -238,7 +238,7 @@ def test_plain_preset_takes_one_pass():
     from imbsam_fast import plain_weights
 
     model = mlp()
-    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=plain_weights(10), lr=0.1)
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, class_weights=plain_weights(10), lr=0.1)
     x, y = vector_batches(1)[0]
     calls = []
     opt.step(lambda index=None: calls.append(index) or F.cross_entropy(model(x), y, reduction="none"), y)

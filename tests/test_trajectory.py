@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 from models import image_batches, small_cnn
-from reference import ReferenceImbSAM, reference_train_step
 
 from imbsam_fast import ImbSAM, head_tail_cross_entropy
+from imbsam_fast.reference import ReferenceImbSAM, reference_train_step
 
 STEPS = 20
 SGD_KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)

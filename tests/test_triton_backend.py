@@ -9,7 +9,7 @@ from models import image_batches, small_cnn
 
 from imbsam_fast import ImbSAM
 from imbsam_fast.backends import resolve_loss_backend, resolve_param_backend
-from imbsam_fast.kernels.multi_tensor import interpreting
+from imbsam_fast.backends.kernels import interpreting
 
 needs_kernels = pytest.mark.skipif(
     not (interpreting() or torch.cuda.is_available()), reason="needs TRITON_INTERPRET=1 or a CUDA device"
@@ -60,6 +60,7 @@ def test_triton_on_cpu_without_interpreter_says_so(monkeypatch):
         resolve_loss_backend("triton", torch.randn(2, 3))
 
 
-def test_ext_backend_is_reported_unavailable():
-    with pytest.raises(RuntimeError, match="not available"):
-        ImbSAM(small_cnn().parameters(), torch.optim.SGD, lr=0.1, backend="ext")
+def test_only_existing_backends_are_offered():
+    for name in ("ext", "cuda", None):
+        with pytest.raises(ValueError, match="choose one of auto, torch, triton$"):
+            ImbSAM(small_cnn().parameters(), torch.optim.SGD, lr=0.1, backend=name)

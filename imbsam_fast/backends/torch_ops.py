@@ -20,6 +20,9 @@ class TorchParamOps:
 
     name = "torch"
 
+    def __init__(self) -> None:
+        self.fallbacks: set[str] = set()
+
     def sq_norm(self, grads: list[Tensor]) -> Tensor:
         """``s = sum_j ||g_j||_2^2`` as a 0-dim tensor, accumulated in fp32 (fp64 for fp64 tensors)."""
         if not grads:

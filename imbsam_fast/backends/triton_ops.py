@@ -4,46 +4,45 @@ Per step, for buckets the kernels cover (fp32 / fp16 / bf16, contiguous, one
 device): the tail-gradient norm is one stage-1 launch per bucket plus one
 stage-2 launch; the perturbation one launch per bucket; the restore one
 launch per bucket. Anything else (fp64, non-contiguous tensors, several
-devices) goes through the torch ops, with the same results.
+devices) goes through the torch ops, with the same results, and is named in
+``fallbacks``.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .buckets import EPS, Bucket
+from .kernels import interpreting, load_kernels
 from .torch_ops import TorchParamOps, perturb_bucket_
 
-__all__ = ["TritonParamOps", "triton_available"]
+__all__ = ["TritonParamOps"]
 
 _is_contiguous = torch.Tensor.is_contiguous
 
 
-def triton_available() -> bool:
-    """True when Triton imports."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 class TritonParamOps:
-    """Norm / perturb / restore through the kernels in ``imbsam_fast.kernels``."""
+    """Norm / perturb / restore through the kernels in ``imbsam_fast.kernels``.
+
+    ``launch`` is the multi-tensor launch configuration (``LaunchConfig``;
+    the tuned default when ``None``).
+    """
 
     name = "triton"
 
-    def __init__(self) -> None:
-        from imbsam_fast.kernels import grad_norm, multi_tensor, perturb, restore
-
-        self._k_norm, self._k_perturb, self._k_restore = grad_norm, perturb, restore
-        self._mt = multi_tensor
-        self._tables = multi_tensor.PointerTables()
+    def __init__(self, launch: Optional[object] = None) -> None:
+        k = load_kernels()
+        self._k = k
+        self._cfg = launch if launch is not None else k.multi_tensor.DEFAULT_LAUNCH
+        self._tables = k.multi_tensor.PointerTables()
         self._torch = TorchParamOps()
+        self.fallbacks: set[str] = set()
 
-    def covers(self, *lists: list[Tensor]) -> bool:
-        """Whether the kernels handle these parallel lists (else the torch ops do).
+    def _why_not(self, lists: tuple[list[Tensor], ...]) -> Optional[str]:
+        """``None`` when the kernels handle these parallel lists, else why the torch ops must.
 
         Within a list, tensors share device and dtype: the optimizer buckets
         parameters that way, autograd gives each gradient its parameter's
@@ -52,21 +51,28 @@ class TritonParamOps:
         contiguity.
         """
         first = lists[0][0]
-        if self._mt.triton_dtype(first.dtype) is None:
-            return False
-        if first.device.type == "cpu" and not self._mt.interpreting():
-            return False
+        if self._k.multi_tensor.triton_dtype(first.dtype) is None:
+            return str(first.dtype)
+        if first.device.type == "cpu" and not interpreting():
+            return "cpu tensors"
         for ts in lists:
             if ts[0].device != first.device or ts[0].dtype != first.dtype:
-                return False
+                return "mixed devices or dtypes"
             if not all(map(_is_contiguous, ts)):
-                return False
-        return True
+                return "non-contiguous tensors"
+        return None
+
+    def covers(self, *lists: list[Tensor]) -> bool:
+        """Whether the kernels handle these parallel lists; records the reason in ``fallbacks`` when not."""
+        why = self._why_not(lists)
+        if why is not None:
+            self.fallbacks.add(why)
+        return why is None
 
     def sq_norm(self, grads: list[Tensor]) -> Tensor:
         """``sum_j ||g_j||_2^2`` as a 0-dim fp32 tensor on the gradients' device."""
         if grads and self.covers(grads):
-            return self._k_norm.sq_norm([grads], self._tables)
+            return self._k.grad_norm.sq_norm([grads], self._tables, self._cfg)
         return self._torch.sq_norm(grads)
 
     def _total_sq_norm(self, grad_lists: list[list[Tensor]]) -> Tensor:
@@ -75,7 +81,7 @@ class TritonParamOps:
             return torch.zeros(())
         device = grad_lists[0][0].device
         if all(gs[0].device == device and self.covers(gs) for gs in grad_lists):
-            return self._k_norm.sq_norm(grad_lists, self._tables)
+            return self._k.grad_norm.sq_norm(grad_lists, self._tables, self._cfg)
         parts = [self.sq_norm(gs).to(device, non_blocking=True) for gs in grad_lists]
         return torch.stack([p.to(torch.float64 if p.dtype == torch.float64 else torch.float32) for p in parts]).sum()
 
@@ -91,8 +97,8 @@ class TritonParamOps:
             if b.device not in on_device:
                 on_device[b.device] = total.to(b.device, non_blocking=True)
             if self.covers(b.params, b.grads, b.backups):
-                self._k_perturb.perturb_(b.params, b.grads, b.backups, on_device[b.device].float(), b.rho, EPS,
-                                         self._tables)
+                self._k.perturb.perturb_(b.params, b.grads, b.backups, on_device[b.device].float(), b.rho, EPS,
+                                         self._tables, self._cfg)
             else:
                 norm = on_device[b.device].sqrt()
                 perturb_bucket_(b, b.rho / (norm + EPS))
@@ -102,6 +108,6 @@ class TritonParamOps:
         """Bit-exact restore: ``w <- backup``."""
         for b in buckets:
             if self.covers(b.params, b.backups):
-                self._k_restore.restore_(b.params, b.backups, self._tables)
+                self._k.restore.restore_(b.params, b.backups, self._tables, self._cfg)
             else:
                 torch._foreach_copy_(b.params, b.backups)

@@ -141,9 +141,9 @@ def _mean_std(values: list[float]) -> str:
 def cmd_train(args) -> int:
     import torch
 
+    from ..priors import tail_class_mask
     from .lt_losses import LOSSES
     from .models import digits_cnn, resnet32
-    from .priors import tail_class_mask
     from .training import OPTIMIZERS, TrainConfig, random_crop_flip, train_on_split
 
     optimizers = _names(args.optimizers, OPTIMIZERS, "optimizer")

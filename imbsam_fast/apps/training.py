@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..optimizer import ImbSAM
+from ..priors import ClassWeights, focal_sam_weights, plain_weights, sam_weights, split_classes, tail_class_mask
 from .data.digits import LongTailSplit
 from .lt_losses import make_loss
-from .optimizer import ImbSAM
-from .priors import ClassWeights, focal_sam_weights, plain_weights, sam_weights, split_classes, tail_class_mask
 
 __all__ = ["OPTIMIZERS", "RunResult", "TrainConfig", "train_classifier", "train_on_split", "split_accuracy", "evaluate"]
 
@@ -117,10 +117,10 @@ def train_on_split(optimizer: str, model_fn: Callable[[], nn.Module], split: Lon
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **sgd_kw)
     else:
         weights = _class_weights(optimizer, counts, cfg)
-        mask = tail_class_mask(counts, cfg.eta) if weights is None else weights
-        fast = dict(mode="fast", model=model, fast_bn=cfg.fast_bn) if optimizer == "imbsam-fast" else {}
-        opt = ImbSAM(model.parameters(), torch.optim.SGD, rho=cfg.rho, tail_mask=mask, tail_weight=cfg.tail_weight,
-                     **fast, **sgd_kw)
+        spec = (dict(tail_mask=tail_class_mask(counts, cfg.eta), tail_weight=cfg.tail_weight) if weights is None
+                else dict(class_weights=weights))
+        fast = dict(mode="fast", fast_bn=cfg.fast_bn) if optimizer == "imbsam-fast" else {}
+        opt = ImbSAM(model.parameters(), torch.optim.SGD, rho=cfg.rho, model=model, **spec, **fast, **sgd_kw)
     steps_per_epoch = max(1, math.ceil(len(y_train) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .optimizer import ImbSAM
-from .priors import ClassWeights, imbsam_weights, plain_weights, sam_weights
+from ..optimizer import ImbSAM
+from ..priors import ClassWeights, imbsam_weights, plain_weights, sam_weights
 
 __all__ = ["ANOMALY_OPTIMIZERS", "AnomalySplit", "digits_anomaly_split", "deep_sad_mlp", "train_deep_sad"]
 
@@ -97,7 +97,7 @@ def train_deep_sad(optimizer: str, split: AnomalySplit, *, epochs: int = 30, bat
         c = phi(x).mean(0)
         c[(c.abs() < 0.1) & (c < 0)] = -0.1  # Deep SAD keeps the centre away from 0 in every coordinate
         c[(c.abs() < 0.1) & (c >= 0)] = 0.1
-    opt = ImbSAM(phi.parameters(), torch.optim.Adam, rho=rho, tail_mask=weights, lr=lr, weight_decay=weight_decay)
+    opt = ImbSAM(phi.parameters(), torch.optim.Adam, rho=rho, class_weights=weights, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         perm = torch.randperm(len(lab), generator=gen).to(device)

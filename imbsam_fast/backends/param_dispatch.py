@@ -1,0 +1,53 @@
+"""Which parameter-op backend runs: ``"auto" | "torch" | "triton"``."""
+
+from __future__ import annotations
+
+from .contract import ParamOps
+from .kernels import interpreting, triton_available
+from .torch_ops import TorchParamOps
+
+__all__ = ["BACKENDS", "check_backend_name", "resolve_param_backend", "check_triton_devices"]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_backend_name(name: object) -> str:
+    """``name`` if it is a known backend, else a ``ValueError`` that lists them."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name  # type: ignore[return-value]
+
+
+def resolve_param_backend(name: str, device_types: set[str]) -> ParamOps:
+    """Parameter-op backend for parameters living on ``device_types``.
+
+    ``auto``: Triton when every parameter is on CUDA and Triton imports, else torch.
+    ``triton`` on CPU tensors works only under Triton's interpreter (``TRITON_INTERPRET=1``).
+    """
+    check_backend_name(name)
+    if name == "auto":
+        if device_types == {"cuda"} and triton_available():
+            from .triton_ops import TritonParamOps
+
+            return TritonParamOps()
+        return TorchParamOps()
+    if name == "torch":
+        return TorchParamOps()
+    check_triton_devices(device_types)
+    from .triton_ops import TritonParamOps
+
+    return TritonParamOps()
+
+
+def check_triton_devices(device_types: set[str]) -> None:
+    """Raise unless Triton imports and can run on every device type given."""
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs Triton: pip install 'imbsam_fast[triton]'")
+    unsupported = device_types - {"cuda", "cpu"}
+    if unsupported:
+        raise RuntimeError(f"backend='triton' runs on CUDA tensors; got tensors on {sorted(unsupported)}")
+    if "cpu" in device_types and not interpreting():
+        raise RuntimeError(
+            "backend='triton' got CPU tensors: Triton kernels run on CUDA, or on the CPU only under "
+            "Triton's interpreter (set TRITON_INTERPRET=1 before importing imbsam_fast)"
+        )

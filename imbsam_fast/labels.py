@@ -1,0 +1,71 @@
+"""Label rules, written once: integer dtype, range ``[0, C)`` or ``ignore_index``.
+
+On the CPU a bad label raises ``ValueError`` at once (reading a CPU flag is no
+device sync). On an accelerator the check is a device-side assert, so that no
+host sync is made; the error then surfaces at the next synchronization.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_label_dtype", "check_targets", "check_labels", "check_label_flag", "label_range_message"]
+
+
+def check_label_dtype(targets: Tensor) -> None:
+    """Raise ``ValueError`` unless ``targets`` holds integer class labels."""
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise ValueError(f"targets must be integer class labels, got {targets.dtype}")
+
+
+def check_targets(targets: object) -> Tensor:
+    """``targets`` as given if it is a 1-D integer tensor; a clear error for anything else."""
+    if not isinstance(targets, Tensor):
+        raise TypeError(
+            f"targets must be a 1-D tensor of class labels, got {type(targets).__name__}; "
+            "wrap it with torch.as_tensor(...) on the device you want"
+        )
+    if targets.ndim != 1:
+        raise ValueError(f"targets must be 1-D (one label per sample), got shape {tuple(targets.shape)}")
+    check_label_dtype(targets)
+    return targets
+
+
+def label_range_message(num_classes: int, ignore_index: Optional[int] = None, source: str = "class weights") -> str:
+    """The one message for a label outside ``[0, num_classes)``."""
+    ignore = "" if ignore_index is None else f" (or equal ignore_index={ignore_index})"
+    return (
+        f"labels must lie in [0, {num_classes}){ignore}: the {source} have {num_classes} entries, one per class; "
+        "a label at or above that means the mask or weights are too short for the data"
+    )
+
+
+def check_labels(targets: Tensor, num_classes: int, ignored: Optional[Tensor] = None,
+                 ignore_index: Optional[int] = None, source: str = "class weights") -> None:
+    """Every label lies in ``[0, num_classes)`` or is ``ignored`` (``ValueError`` on CPU, device assert elsewhere)."""
+    valid = (targets >= 0) & (targets < num_classes)
+    if ignored is not None:
+        valid = valid | ignored
+    message = label_range_message(num_classes, ignore_index, source)
+    if targets.device.type == "cpu":
+        # CPU tensors: reading the flag is not a device sync, so fail eagerly with a clear message.
+        if targets.numel() and not bool(valid.all()):
+            bad = targets[~valid]
+            raise ValueError(f"{message}; got {bad.numel()} outside, e.g. {bad[0].item()}")
+    else:
+        torch._assert_async(valid.all(), message)
+
+
+def check_label_flag(flag: Tensor, num_classes: int, ignore_index: Optional[int] = None,
+                     source: str = "class weights") -> None:
+    """``flag`` (a 0-dim or 1-element tensor) is nonzero when a kernel met a bad label: raise or assert on it."""
+    message = label_range_message(num_classes, ignore_index, source)
+    if flag.device.type == "cpu":
+        # CPU tensors: reading the flag is not a device sync.
+        if bool(flag.reshape(-1)[0] != 0):
+            raise ValueError(message)
+    else:
+        torch._assert_async(flag.reshape(-1)[0] == 0, message)

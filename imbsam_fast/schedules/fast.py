@@ -1,0 +1,109 @@
+"""The fast schedule: one full pass for the head, the tail gradient at w and at w + e from tail samples only.
+
+    losses = closure()                          full forward at w (BatchNorm statistics recorded if needed)
+    head.backward()                  -> g_h     "head"
+    closure(T) at w, backward        -> g_t     "ascent"     T = the batch's tail samples
+    w <- w + rho g_t / (||g_t|| + 1e-16)
+    closure(T') at w + e, backward   -> g_t'    "perturbed"  T' = T plus ghost samples on BatchNorm models
+    restore w; base step on g_h + g_t'
+
+Losses of every pass are divided by the whole batch size, so without
+BatchNorm the update equals exact mode's. A batch with no tail sample is one
+forward, one backward and a plain step.
+
+BatchNorm layers in training mode cannot normalize a pass over one or two
+tail samples with its own statistics, and must not move their running
+statistics there (see :mod:`imbsam_fast.batchnorm`). ``fast_bn`` picks:
+
+* ``"replay-ghost"`` (default): the pass at w replays the full forward's
+  statistics (it only sets the ascent direction); the pass at w + e, whose
+  gradient enters the update, adds ``ghost_batch`` random head samples of
+  weight 0 so the layers normalize with, and differentiate through, the
+  statistics of a real batch;
+* ``"ghost"``: the ghost batch in both tail passes.
+
+Running statistics move only in the full forward. Replaying in both passes
+was measured to collapse the tail classes (``benchmarks/RESULTS.md``) and is
+not offered.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+
+from ..batchnorm import BatchNormStats
+from ..hooks import ASCENT, HEAD, PERTURBED
+from .base import StepLosses, StepRun
+
+__all__ = ["FastSchedule", "FAST_BN"]
+
+FAST_BN = ("replay-ghost", "ghost")
+
+
+class FastSchedule:
+    """Tail passes on tail samples only; BatchNorm handled by ``fast_bn`` with ``ghost_batch`` ghost samples."""
+
+    name = "fast"
+
+    def __init__(self, batchnorm: BatchNormStats, fast_bn: str = "replay-ghost", ghost_batch: int = 8) -> None:
+        if fast_bn == "replay":
+            raise ValueError(
+                "fast_bn='replay' was removed: replaying the full batch's BatchNorm statistics in both tail passes "
+                "drops the gradient through them and was measured to collapse the tail classes (digits Few 2.3% vs "
+                "46.6% in exact mode); use 'replay-ghost' (default) or 'ghost'"
+            )
+        if fast_bn not in FAST_BN:
+            raise ValueError(f"fast_bn must be one of {', '.join(FAST_BN)}, got {fast_bn!r}")
+        if isinstance(ghost_batch, bool) or not isinstance(ghost_batch, int) or ghost_batch < 1:
+            raise ValueError(
+                f"ghost_batch must be an int >= 1 (head samples added to the BatchNorm ghost batch), got "
+                f"{ghost_batch!r}; a tail-only pass would normalize one or two samples by their own statistics"
+            )
+        self.fast_bn = fast_bn
+        self.ghost_batch = ghost_batch
+        self._bn = batchnorm
+
+    def run(self, run: StepRun, targets: Tensor, head_w: Tensor, tail_w: Tensor, has_head: bool,
+            has_tail: bool) -> StepLosses:
+        # The tail passes are sized by the number of tail samples: reading it is one
+        # host sync per step when the targets live on an accelerator (none on the CPU).
+        index = torch.nonzero(tail_w).squeeze(1) if has_tail else None
+        n_tail = 0 if index is None else index.shape[0]
+        bn = n_tail > 0 and self._bn.active()
+        replay_at_w = bn and self.fast_bn == "replay-ghost"
+        with self._bn.record() if replay_at_w else nullcontext():
+            losses = run.forward()
+        head = run.loss(losses, head_w)
+        tail = run.loss(losses.detach(), tail_w)
+        if n_tail == 0:
+            run.backward(head, HEAD)
+            run.plain_step()
+            return StepLosses(head.detach(), tail, torch.zeros_like(tail), losses.detach())
+        if has_head:
+            run.backward(head, HEAD)
+        run.stash()
+        ghosts = self._with_ghosts(index, tail_w, n_tail) if bn else index
+        if replay_at_w:
+            run.tail_pass(index, tail_w[index], ASCENT, self._bn.replay)
+        else:
+            run.tail_pass(ghosts, tail_w[ghosts], ASCENT, self._bn.freeze_running_stats if bn else nullcontext)
+        run.ascend()
+        tail2 = run.tail_pass(ghosts, tail_w[ghosts], PERTURBED, self._bn.freeze_running_stats if bn else nullcontext)
+        run.descend()
+        return StepLosses(head.detach(), tail, tail2, losses.detach())
+
+    def _with_ghosts(self, index: Tensor, tail_w: Tensor, n_tail: int) -> Tensor:
+        """``index`` plus up to ``ghost_batch`` head samples drawn at random (torch's global RNG), sorted.
+
+        The head samples get random keys and the tail samples +inf, so the ghosts are the
+        ``k`` smallest keys: no second host sync (``k`` follows from the tail count already read).
+        """
+        k = min(self.ghost_batch, tail_w.numel() - n_tail)
+        if k <= 0:
+            return index
+        keys = torch.rand(tail_w.shape, device=tail_w.device).masked_fill(tail_w != 0, float("inf"))
+        pick = torch.topk(keys, k, largest=False).indices
+        return torch.cat([index, pick]).sort().values
