@@ -54,13 +54,19 @@ def test_anomaly_smoke(capsys, tmp_path):
 
 
 def test_bench_smoke(capsys, tmp_path):
-    rc, out, err = _run(capsys, "bench", "--quiet", "--reps", "1", "--skip-step-time", "--out", str(tmp_path))
+    rc, out, err = _run(capsys, "bench", "--reps", "1", "--skip-large", "--batches", "2", "--methods", "sgd,fast",
+                        "--out", str(tmp_path))
     assert rc == 0, err
-    first = out.splitlines()[0]
-    assert "torch" in first and "triton" in first and "date" in first
-    assert "optimizer-side time" in out
+    assert "optimizer-side time, ResNet-32 shapes" in err and "step time" in err  # progress, as it goes
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    suites = {(r[0], r[1]) for r in rows}
+    assert ("optimizer-side time", "ResNet-32 shapes") in suites
+    assert ("step time, eta 20", "sgd") in suites and ("step time, eta 20", "fast") in suites
+    assert all(r[3] > 0 for r in rows)
+    sgd = next(r for r in rows if r[1] == "sgd")
+    assert sgd[3] == 1.0 and "total over 2 batches" in sgd[2]
     assert (tmp_path / "bench.md").read_text().startswith("Benchmarks")
-    assert json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert out.splitlines()[1].split() == ["suite", "case", "metric", "value"]
 
 
 def test_help_for_every_subcommand_and_module_entry_point():
@@ -74,10 +80,16 @@ def test_help_for_every_subcommand_and_module_entry_point():
     (["train", "--optimizers", "sgd,adam"], "unknown optimizer adam"),
     (["anomaly", "--optimizers", "lbfgs"], "unknown optimizer lbfgs"),
     (["train", "--dataset", "cifar100", "--data-dir", "/no/such/dir"], "--data-dir /no/such/dir does not exist"),
-    (["train", "--imbalance", "0.5"], "--imbalance must be >= 1"),
+    (["train", "--imbalance", "0.5"], "--imbalance must be a finite number >= 1"),
     (["train", "--device", "cuda:0"], "no CUDA device"),
     (["train", "--loss", "focal"], "unknown loss 'focal'"),
     (["train", "--dataset", "list", "--data-dir", "."], "needs --train-list and --test-list"),
+    (["train", "--batch-size", "0"], "--batch-size must be >= 2"),
+    (["train", "--many", "10", "--few", "50"], "--few (50) must not exceed --many (10)"),
+    (["train", "--lr", "nan"], "--lr must be a finite number > 0"),
+    (["train", "--rho", "inf"], "--rho must be a finite number >= 0"),
+    (["train", "--tail-weight", "-1"], "--tail-weight must be a finite number >= 0"),
+    (["anomaly", "--eta", "nan"], "--eta must be a finite number > 0"),
 ])
 def test_bad_input_gets_one_line_and_exit_2(capsys, argv, message):
     if "cuda" in " ".join(argv) and torch.cuda.is_available():
@@ -86,6 +98,30 @@ def test_bad_input_gets_one_line_and_exit_2(capsys, argv, message):
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("imbsam-fast: error: ") and message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--batch-size", "0"], ["--many", "10", "--few", "50"], ["--lr", "nan"],
+                                  ["--optimizers", "sgd,nope"], ["--image-size", "0"]])
+def test_train_arguments_are_checked_before_any_training(capsys, monkeypatch, argv):
+    from imbsam_fast.apps import training
+
+    def must_not_train(*a, **k):
+        raise AssertionError("trained before checking the arguments")
+
+    monkeypatch.setattr(training, "train_on_split", must_not_train)
+    rc, _, err = _run(capsys, "train", "--quiet", *argv)
+    assert rc == 2 and err.startswith("imbsam-fast: error: ")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batches", "0"], "--batches must be >= 1"),
+    (["--reps", "0"], "--reps must be >= 1"),
+    (["--methods", "sgd,adam"], "unknown method adam"),
+    (["--eta", "-1"], "--eta must be a finite number > 0"),
+])
+def test_bench_arguments_are_checked(capsys, argv, message):
+    rc, _, err = _run(capsys, "bench", "--quiet", *argv)
+    assert rc == 2 and message in err and err.count("\n") == 1
 
 
 def test_missing_cifar_files_are_named(capsys, tmp_path):

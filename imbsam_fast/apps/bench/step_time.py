@@ -1,0 +1,235 @@
+"""End-to-end step time: SGD, SAM, the public ImbSAM code, exact mode and fast mode, as an epoch costs it.
+
+ResNet-32 at 32x32 input, batch 64, labels drawn from the CIFAR-100-LT profile
+(imbalance 100: ``n_k = 500 * 100^(-k/99)``); a class is tail when ``n_k < eta``.
+Every method trains its own copy of the model on the same batches, interleaved
+batch by batch (the order rotates, so no method always runs first). What a user
+pays is the **total** over all batches, those with tail samples and those
+without, as they come; the median per-batch ratio is printed beside it.
+
+fast: fast mode's default BatchNorm treatment (replayed statistics in the
+tail pass at w, a ghost batch of 8 head samples in the pass at w + e);
+fast-ghost: a ghost batch of 8 in both tail passes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ...hooks import StepHooks
+from ...optimizer import ImbSAM
+from ...priors import sam_weights, tail_class_mask
+from ...reference import ReferenceImbSAM, reference_train_step
+from ..data.long_tail import exponential_profile
+from ..models import resnet32
+
+__all__ = ["METHODS", "StepTimes", "cifar100_lt_batches", "make_steppers", "run", "host_overhead", "report"]
+
+KW = dict(lr=0.01, momentum=0.9, weight_decay=1e-3)
+METHODS = ("sgd", "sam", "public", "exact", "fast", "fast-ghost")
+
+
+def cifar100_lt_batches(n: int, batch: int, eta: float, device: torch.device, seed: int = 0):
+    """``n`` batches of random 32x32 images with CIFAR-100-LT labels, and the tail mask for ``eta``."""
+    counts = exponential_profile(500, 100, 100)
+    probs = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        y = torch.multinomial(probs, batch, replacement=True, generator=gen)
+        x = torch.randn(batch, 3, 32, 32, generator=gen)
+        out.append((x.to(device), y.to(device)))
+    return out, tail_class_mask(counts, eta)
+
+
+def _closure(model, x, y):
+    def closure(index=None):
+        xs, ys = (x, y) if index is None else (x[index], y[index])
+        return F.cross_entropy(model(xs), ys, reduction="none")
+
+    return closure
+
+
+def make_steppers(device: torch.device, tail_mask: torch.Tensor, norm: str = "batch",
+                  methods: Sequence[str] = METHODS) -> tuple[Callable[[str, torch.Tensor, torch.Tensor], None], dict]:
+    """``step(method, x, y)`` for each method, every method on its own copy of one initial ResNet-32.
+
+    Also returns the optimizers by method (for :func:`host_overhead`)."""
+    torch.manual_seed(0)
+    base = resnet32(norm=norm).to(device)
+    models = {m: resnet32(norm=norm).to(device) for m in methods}
+    for m in models.values():
+        m.load_state_dict(base.state_dict())
+    builders = {
+        "sgd": lambda m: torch.optim.SGD(m.parameters(), **KW),
+        "sam": lambda m: ImbSAM(m.parameters(), torch.optim.SGD, class_weights=sam_weights(100), **KW),
+        "public": lambda m: ReferenceImbSAM(torch.optim.SGD(m.parameters(), **KW), m),
+        "exact": lambda m: ImbSAM(m.parameters(), torch.optim.SGD, tail_mask=tail_mask, **KW),
+        "fast": lambda m: ImbSAM(m.parameters(), torch.optim.SGD, tail_mask=tail_mask, mode="fast", model=m, **KW),
+        "fast-ghost": lambda m: ImbSAM(m.parameters(), torch.optim.SGD, tail_mask=tail_mask, mode="fast", model=m,
+                                       fast_bn="ghost", **KW),
+    }
+    unknown = set(methods) - set(builders)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(builders)}")
+    opts = {m: builders[m](models[m]) for m in methods}
+    mask_dev = tail_mask.to(device)
+
+    def step(method: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        model, opt = models[method], opts[method]
+        if method == "sgd":
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        elif method == "public":
+            reference_train_step(model, opt, x, y, mask_dev)
+        else:
+            opt.step(_closure(model, x, y), y)
+
+    step.models = models  # type: ignore[attr-defined]
+    return step, opts
+
+
+@dataclass
+class StepTimes:
+    """Seconds per batch for each method, and the number of tail samples in each batch."""
+
+    eta: float
+    tails: list[int]
+    times: dict[str, list[float]] = field(default_factory=dict)
+
+    def total(self, method: str, with_tail: Optional[bool] = None) -> float:
+        """Total seconds over all batches, or over those with (``True``) / without (``False``) a tail sample."""
+        return sum(t for t, n in zip(self.times[method], self.tails) if with_tail is None or (n > 0) == with_tail)
+
+    def ratio(self, method: str, with_tail: Optional[bool] = None, base: str = "sgd") -> float:
+        denom = self.total(base, with_tail)
+        return self.total(method, with_tail) / denom if denom else float("nan")
+
+    def median_ratio(self, method: str, base: str = "sgd") -> float:
+        return statistics.median(a / b for a, b in zip(self.times[method], self.times[base]))
+
+
+def run(eta: float, batches: int, device: torch.device, warmup: int = 3, norm: str = "batch",
+        methods: Sequence[str] = METHODS, progress: bool = False, seed: int = 0) -> StepTimes:
+    """Time one step per method on each of ``batches`` batches (after ``warmup`` untimed ones)."""
+    data, tail_mask = cifar100_lt_batches(batches + warmup, 64, eta, device, seed)
+    step, _ = make_steppers(device, tail_mask, norm, methods)
+    out = StepTimes(eta, [], {m: [] for m in methods})
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(data), desc=f"step time, eta {eta:g}", leave=False, unit="batch")
+    mask_dev = tail_mask.to(device)
+    for i, (x, y) in enumerate(data):
+        order = list(methods[i % len(methods):]) + list(methods[: i % len(methods)])
+        for m in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            step(m, x, y)
+            _sync(device)
+            if i >= warmup:
+                out.times[m].append(time.perf_counter() - t0)
+        if i >= warmup:
+            out.tails.append(int(mask_dev[y].sum()))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class _Windows(StepHooks):
+    """Profiler ranges around every backward of a step."""
+
+    def __init__(self) -> None:
+        self.open: list[torch.autograd.profiler.record_function] = []
+
+    def before_backward(self, opt, phase, loss):
+        rf = torch.autograd.profiler.record_function("imbsam_bench::backward")
+        rf.__enter__()
+        self.open.append(rf)
+        return loss
+
+    def after_backward(self, opt, phase):
+        self.open.pop().__exit__(None, None, None)
+
+
+def host_overhead(method: str, eta: float, batches: int, device: torch.device, norm: str = "batch",
+                  seed: int = 1) -> dict[str, float]:
+    """Per-step time of ``ImbSAM.step`` outside the closure's forwards and the backwards, in ms, split into
+    the library's own Python (``python``) and the tensor ops and base-optimizer step it issues (``ops``).
+
+    From the profiler: ``outside = step - forwards - backwards``; ``ops`` sums the direct children of the
+    step that are operators or nested optimizer calls; ``python`` is the rest.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    data, tail_mask = cifar100_lt_batches(batches + 2, 64, eta, device, seed)
+    step, opts = make_steppers(device, tail_mask, norm, [method])
+    opt = opts[method]
+    opt.register_step_hooks(_Windows())
+    model = step.models[method]  # type: ignore[attr-defined]
+
+    def closure_for(x, y):
+        inner = _closure(model, x, y)
+
+        def closure(index=None):
+            with torch.autograd.profiler.record_function("imbsam_bench::forward"):
+                return inner(index)
+
+        return closure
+
+    for x, y in data[:2]:
+        opt.step(closure_for(x, y), y)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x, y in data[2:]:
+            opt.step(closure_for(x, y), y)
+    tails = [int(tail_mask.to(y.device)[y].sum()) for _, y in data[2:]]
+    steps = [e for e in prof.events() if e.name.startswith("Optimizer.step#ImbSAM")]
+    outside = ops = 0.0
+    for e in steps:
+        windows = sum(c.cpu_time_total for c in e.cpu_children if c.name.startswith("imbsam_bench::"))
+        others = sum(c.cpu_time_total for c in e.cpu_children if not c.name.startswith("imbsam_bench::"))
+        outside += e.cpu_time_total - windows
+        ops += others
+    n = max(len(steps), 1)
+    return {"outside_ms": outside / n / 1e3, "ops_ms": ops / n / 1e3, "python_ms": (outside - ops) / n / 1e3,
+            "steps": float(len(steps)), "tail_batches": float(sum(t > 0 for t in tails))}
+
+
+def tail_histogram(tails: list[int]) -> str:
+    """``"0:8 1:15 2:12 ..."``: how many batches held each number of tail samples."""
+    counts: dict[int, int] = {}
+    for t in tails:
+        counts[t] = counts.get(t, 0) + 1
+    return " ".join(f"{k}:{counts[k]}" for k in sorted(counts))
+
+
+def report(res: StepTimes) -> list[str]:
+    """The table for one run: totals and ratios to SGD over all batches, with / without tail samples, medians."""
+    n = len(res.tails)
+    with_tail = sum(t > 0 for t in res.tails)
+    lines = [
+        f"eta={res.eta:g}: {n} batches, {with_tail} with tail samples, {n - with_tail} without; tail samples per "
+        f"batch mean {statistics.mean(res.tails):.2f} (count:batches {tail_histogram(res.tails)})",
+        f"{'method':<12}{'total s':>9}{'x SGD':>8}{'tail b.':>9}{'no-tail b.':>11}{'median':>8}",
+    ]
+    for m in res.times:
+        lines.append(f"{m:<12}{res.total(m):>9.2f}{res.ratio(m):>7.2f}x{res.ratio(m, True):>8.2f}x"
+                     f"{res.ratio(m, False):>10.2f}x{res.median_ratio(m):>7.2f}x")
+    lines.append("x SGD: total time over all batches / SGD's total; tail b. / no-tail b.: the same over the batches "
+                 "with / without a tail sample; median: of the per-batch ratios")
+    return lines
