@@ -38,8 +38,8 @@ def label_range_message(num_classes: int, ignore_index: Optional[int] = None, so
     """The one message for a label outside ``[0, num_classes)``."""
     ignore = "" if ignore_index is None else f" (or equal ignore_index={ignore_index})"
     return (
-        f"labels must lie in [0, {num_classes}){ignore}: the {source} have {num_classes} entries, one per class; "
-        "a label at or above that means the mask or weights are too short for the data"
+        f"labels must lie in [0, {num_classes}){ignore} ({source}: {num_classes} entries, one per class; "
+        f"a label >= {num_classes} means the {source} is too short for the data)"
     )
 
 
