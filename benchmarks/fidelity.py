@@ -13,23 +13,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from step_time import cifar100_lt_batches  # noqa: E402
-
-from imbsam_fast import ImbSAM  # noqa: E402
-from imbsam_fast.apps.models import resnet32  # noqa: E402
+from imbsam_fast import ImbSAM
+from imbsam_fast.apps.bench.step_time import cifar100_lt_batches
+from imbsam_fast.apps.models import resnet32
 
 KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
-VARIANTS = {"fast (ghost 8)": dict(ghost_batch=8), "fast (ghost 16)": dict(ghost_batch=16),
-            "fast (replay-ghost 8)": dict(fast_bn="replay-ghost"), "fast (replay)": dict(fast_bn="replay")}
+VARIANTS = {"fast (replay-ghost 8, default)": dict(fast_bn="replay-ghost", ghost_batch=8),
+            "fast (ghost 8)": dict(fast_bn="ghost", ghost_batch=8),
+            "fast (ghost 16)": dict(fast_bn="ghost", ghost_batch=16)}
 
 
 def _closure(model, x, y):
@@ -43,7 +39,7 @@ def _flat_update(model, start):
 
 def _one_step(model, opt_state, mask, x, y, **kw):
     m = copy.deepcopy(model)
-    opt = ImbSAM(m.parameters(), torch.optim.SGD, tail_mask=mask, **KW, **kw, **({"model": m} if kw else {}))
+    opt = ImbSAM(m.parameters(), torch.optim.SGD, tail_mask=mask, model=m, **KW, **kw)
     opt.load_state_dict(copy.deepcopy(opt_state))
     opt.step(_closure(m, x, y), y)
     return m
@@ -72,7 +68,7 @@ def run(eta: float, steps: int):
         if mask[y].any():
             state = opt.state_dict()
             head = _flat_update(_head_only(model, state, mask, x, y), model)
-            torch.manual_seed(len(cos["fast (replay)"][0]))
+            torch.manual_seed(len(cos["fast (ghost 8)"][0]))
             exact = _flat_update(_one_step(model, state, mask, x, y), model)
             for name, kw in VARIANTS.items():
                 fast = _flat_update(_one_step(model, state, mask, x, y, mode="fast", **kw), model)

@@ -27,12 +27,10 @@ import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-
-from shapes import even_shapes, numel, resnet32_shapes  # noqa: E402
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the test suite, run below on the GPU
 
 from imbsam_fast import head_tail_cross_entropy  # noqa: E402
+from imbsam_fast.apps.bench.shapes import even_shapes, numel, resnet32_shapes  # noqa: E402
 from imbsam_fast.backends.buckets import Bucket  # noqa: E402
 from imbsam_fast.backends.torch_ops import TorchParamOps  # noqa: E402
 from imbsam_fast.backends.triton_ops import TritonParamOps  # noqa: E402

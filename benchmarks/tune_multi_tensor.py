@@ -14,8 +14,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from gpu_check import FLOOR_BYTES_PER_PARAM, BackendPhases, copy_bandwidth, graph_time  # noqa: E402
-from shapes import even_shapes, numel, resnet32_shapes  # noqa: E402
 
+from imbsam_fast.apps.bench.shapes import even_shapes, numel, resnet32_shapes  # noqa: E402
 from imbsam_fast.backends.triton_ops import TritonParamOps  # noqa: E402
 from imbsam_fast.kernels import multi_tensor  # noqa: E402
 
@@ -36,11 +36,11 @@ def main() -> int:
     for chunk, block, warps in itertools.product((4096, 8192, 16384, 32768), (1024, 2048, 4096), (4, 8)):
         if chunk % block:
             continue
-        multi_tensor.LAUNCH = multi_tensor.LaunchConfig(chunk, block, warps)
+        cfg = multi_tensor.LaunchConfig(chunk, block, warps)
         cells = []
         for name, shapes in cases:
             params, grads = data[name]
-            ms = graph_time(BackendPhases(TritonParamOps(), params, grads), 20)
+            ms = graph_time(BackendPhases(TritonParamOps(launch=cfg), params, grads), 20)
             frac = FLOOR_BYTES_PER_PARAM * numel(shapes) / ms / 1e6 / copy_gbs
             cells.append(f"{ms:>11.4f} {frac:>7.0%}")
         print(f"{chunk:>7}{block:>7}{warps:>6}" + "".join(f"{c:>20}" for c in cells), flush=True)

@@ -116,12 +116,14 @@ def test_uncovered_tensors_fall_back_to_torch():
     for params in (f64, strided):
         grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(DEVICE) for p in params]
         twin = [p.clone() for p in params]
+        start = [p.clone() for p in params]
         backups = [torch.empty_like(p) for p in params]
         ops.perturb_([Bucket(params, [g.clone() for g in grads], backups, 0.2)])
         TorchParamOps().perturb_([Bucket(twin, [g.clone() for g in grads], [torch.empty_like(p) for p in twin], 0.2)])
         torch.testing.assert_close(params, twin)
+        assert not torch.equal(params[0], start[0])
         ops.restore_([Bucket(params, grads, backups, 0.2)])
-        assert torch.equal(params[0], backups[0])
+        assert torch.equal(params[0], start[0])
 
 
 def test_pointer_tables_are_cached_and_rebuilt_when_storage_moves():
@@ -147,10 +149,12 @@ def test_misaligned_views_take_the_unaligned_path_correctly():
     grads = [torch.randn(5001, generator=gen).to(DEVICE)[2:], torch.randn(297, generator=gen).to(DEVICE)]
     assert params[0].data_ptr() % 16 != 0
     twin = [p.clone() for p in params]
+    start = [p.clone() for p in params]
     backups = [torch.empty_like(p) for p in params]
     ops = TritonParamOps()
     ops.perturb_([Bucket(params, [g.clone() for g in grads], backups, 0.5)])
     TorchParamOps().perturb_([Bucket(twin, [g.clone() for g in grads], [torch.empty_like(p) for p in twin], 0.5)])
     torch.testing.assert_close(params, twin)
+    assert not any(torch.equal(p, s) for p, s in zip(params, start))
     ops.restore_([Bucket(params, grads, backups, 0.5)])
-    assert all(torch.equal(p, b) for p, b in zip(params, backups))
+    assert all(torch.equal(p, s) for p, s in zip(params, start))

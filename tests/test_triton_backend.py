@@ -64,3 +64,23 @@ def test_only_existing_backends_are_offered():
     for name in ("ext", "cuda", None):
         with pytest.raises(ValueError, match="choose one of auto, torch, triton$"):
             ImbSAM(small_cnn().parameters(), torch.optim.SGD, lr=0.1, backend=name)
+
+
+@needs_kernels
+def test_backend_says_when_buckets_fell_back_to_torch():
+    torch.manual_seed(0)
+    p32 = torch.nn.Parameter(torch.randn(8, device=DEVICE))
+    p64 = torch.nn.Parameter(torch.randn(5, dtype=torch.float64, device=DEVICE))
+    opt = ImbSAM([p32], torch.optim.SGD, lr=0.1, backend="triton")
+    mixed = ImbSAM([p32, p64], torch.optim.SGD, lr=0.1, backend="triton")
+    for o in (opt, mixed):
+        for p in o.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        o.first_step()
+        for p in o.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        o.second_step()
+        o.third_step()
+    assert opt.backend == "triton" and opt.backend_fallbacks == set()
+    assert mixed.backend == "triton+torch" and mixed.backend_fallbacks == {"torch.float64"}
+    assert ImbSAM([p32], torch.optim.SGD, lr=0.1, backend="torch").backend == "torch"
