@@ -32,6 +32,7 @@ from .batchnorm import BatchNormSnapshot, BatchNormStats
 from .hooks import HookHandle, StepHooks
 from .labels import check_targets
 from .options import check_rho, class_weights_from
+from .param_buckets import ParamBuckets, params_with_grad
 from .priors import ClassWeights, sample_weights
 from .schedules import StepLosses, StepRun, check_index_closure, make_schedule
 
@@ -127,7 +128,7 @@ class ImbSAM(Optimizer):
         self.last_step_skipped = False
         self._phase = _IDLE
         self._head_grads: dict[Tensor, Optional[Tensor]] = {}
-        self._backups: dict[Tensor, Tensor] = {}
+        self._buckets = ParamBuckets()
         self._perturbed: list[Bucket] = []
         self._tail_norm: Optional[Tensor] = None
         self._bn_backup: Optional[BatchNormSnapshot] = None
@@ -209,30 +210,14 @@ class ImbSAM(Optimizer):
                 f"it expects '{phase}'. Call the steps in order: {order}."
             )
 
-    def _params_with_grad(self) -> list[tuple[dict[str, Any], Tensor]]:
-        out = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError(
-                        "ImbSAM does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
-                        "use dense gradients"
-                    )
-                out.append((group, p))
-        return out
-
     @torch.no_grad()
     def first_step(self) -> None:
         """After the head backward: move each ``.grad`` aside (no copy) as ``g_h``."""
         self._require(_IDLE, "first_step")
-        stash = {}
-        for _, p in self._params_with_grad():
-            stash[p] = p.grad
+        params, _ = params_with_grad(self.param_groups)
+        self._head_grads = {p: p.grad for p in params}
+        for p in params:
             p.grad = None
-        self._head_grads = stash
         self._phase = _STASHED
 
     @torch.no_grad()
@@ -243,21 +228,11 @@ class ImbSAM(Optimizer):
         put back as ``.grad`` so the perturbed backward accumulates onto it.
         """
         self._require(_STASHED, "second_step")
-        pairs = self._params_with_grad()
-        by_key: dict[tuple[torch.device, torch.dtype, float], Bucket] = {}
-        for group, p in pairs:
-            key = (p.device, p.dtype, group["rho"])
-            b = by_key.get(key)
-            if b is None:
-                b = by_key[key] = Bucket([], [], [], key[2])
-            b.params.append(p)
-            b.grads.append(p.grad)
-            b.backups.append(self._backup_for(p))
-        buckets = list(by_key.values())
+        params, rhos = params_with_grad(self.param_groups)
+        buckets = self._buckets.build(params, rhos)
         self._tail_norm = self._ops.perturb_(buckets)
         self._perturbed = buckets
-
-        for _, p in pairs:
+        for p in params:
             p.grad = None
         for p, g in self._head_grads.items():
             p.grad = g
@@ -314,22 +289,21 @@ class ImbSAM(Optimizer):
         return True
 
     def _grads_finite(self) -> bool:
-        grads: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for _, p in self._params_with_grad():
-            grads.setdefault((p.device, p.dtype), []).append(p.grad)
-        total = self._ops.grad_norm(list(grads.values()))
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        first = grads[0] if grads else None
+        if first is not None and all(g.device == first.device and g.dtype == first.dtype for g in grads):
+            lists = [grads]
+        else:
+            by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            for g in grads:
+                by_kind.setdefault((g.device, g.dtype), []).append(g)
+            lists = list(by_kind.values())
+        total = self._ops.grad_norm(lists)
         tail = self._tail_norm if self._tail_norm is not None else total
         self._tail_norm = None
         # One host sync per step is the price of deciding whether to call the base
         # optimizer (as torch.amp.GradScaler does); nonfinite="none" avoids it.
         return bool(torch.isfinite(total + tail.to(total.device)))
-
-    def _backup_for(self, p: Tensor) -> Tensor:
-        b = self._backups.get(p)
-        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-            b = torch.empty_like(p, memory_format=torch.preserve_format)
-            self._backups[p] = b
-        return b
 
     # -------------------------------------------------------------- one call
 

@@ -29,7 +29,10 @@ from ...reference import ReferenceImbSAM, reference_train_step
 from ..data.long_tail import exponential_profile
 from ..models import resnet32
 
-__all__ = ["METHODS", "StepTimes", "cifar100_lt_batches", "make_steppers", "run", "host_overhead", "report"]
+__all__ = [
+    "METHODS", "StepTimes", "cifar100_lt_batches", "make_steppers", "run", "host_overhead", "structural_host_time",
+    "report",
+]
 
 KW = dict(lr=0.01, momentum=0.9, weight_decay=1e-3)
 METHODS = ("sgd", "sam", "public", "exact", "fast", "fast-ghost")
@@ -152,28 +155,30 @@ def _sync(device: torch.device) -> None:
 
 
 class _Windows(StepHooks):
-    """Profiler ranges around every backward of a step."""
+    """Marks every backward of a step as a profiler range."""
 
     def __init__(self) -> None:
-        self.open: list[torch.autograd.profiler.record_function] = []
+        self._open: list[torch.autograd.profiler.record_function] = []
 
     def before_backward(self, opt, phase, loss):
         rf = torch.autograd.profiler.record_function("imbsam_bench::backward")
         rf.__enter__()
-        self.open.append(rf)
+        self._open.append(rf)
         return loss
 
     def after_backward(self, opt, phase):
-        self.open.pop().__exit__(None, None, None)
+        self._open.pop().__exit__(None, None, None)
 
 
 def host_overhead(method: str, eta: float, batches: int, device: torch.device, norm: str = "batch",
                   seed: int = 1) -> dict[str, float]:
-    """Per-step time of ``ImbSAM.step`` outside the closure's forwards and the backwards, in ms, split into
-    the library's own Python (``python``) and the tensor ops and base-optimizer step it issues (``ops``).
+    """Per-step host time of ``ImbSAM.step`` outside the closure's forwards and the backwards, in ms.
 
-    From the profiler: ``outside = step - forwards - backwards``; ``ops`` sums the direct children of the
-    step that are operators or nested optimizer calls; ``python`` is the rest.
+    One run under the profiler. For every step: ``outside`` = the step's time minus its forward and
+    backward windows; ``ops`` = the time of the operators and base-optimizer calls the step issues
+    outside those windows; ``python`` = ``outside - ops``, the library's own Python. All three come
+    from the same steps, so the noise of the operators' run time cancels; ``python`` still holds the
+    profiler's bookkeeping between events and the freeing of gradient tensors, so it is an upper bound.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -197,17 +202,92 @@ def host_overhead(method: str, eta: float, batches: int, device: torch.device, n
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for x, y in data[2:]:
             opt.step(closure_for(x, y), y)
-    tails = [int(tail_mask.to(y.device)[y].sum()) for _, y in data[2:]]
-    steps = [e for e in prof.events() if e.name.startswith("Optimizer.step#ImbSAM")]
     outside = ops = 0.0
+    steps = [e for e in prof.events() if e.name.startswith("Optimizer.step#ImbSAM")]
     for e in steps:
         windows = sum(c.cpu_time_total for c in e.cpu_children if c.name.startswith("imbsam_bench::"))
-        others = sum(c.cpu_time_total for c in e.cpu_children if not c.name.startswith("imbsam_bench::"))
         outside += e.cpu_time_total - windows
-        ops += others
+        ops += sum(c.cpu_time_total for c in e.cpu_children if not c.name.startswith("imbsam_bench::"))
+    tails = [int(tail_mask.to(y.device)[y].sum()) for _, y in data[2:]]
     n = max(len(steps), 1)
     return {"outside_ms": outside / n / 1e3, "ops_ms": ops / n / 1e3, "python_ms": (outside - ops) / n / 1e3,
             "steps": float(len(steps)), "tail_batches": float(sum(t > 0 for t in tails))}
+
+
+def structural_host_time(methods: Sequence[str], eta: float, batches: int, width: int = 1, seed: int = 2
+                         ) -> dict[str, float]:
+    """Median host time per step outside the forwards and backwards, in ms, on ResNet-32's structure with
+    almost no arithmetic: ``width`` channels in the first stage and 8x8 inputs on the CPU, one thread.
+
+    The model keeps ResNet-32's 95 parameter tensors and 31 BatchNorm layers, so what remains is the
+    per-step cost that does not scale with the model: Python, operator dispatch, allocation. That is what
+    a launch-bound GPU step pays on the host. For ``"sgd"`` it is ``zero_grad()`` plus ``step()``; for the
+    others the time of ``step(closure, targets)`` minus its forwards and backwards. Only batches with a
+    tail sample are counted.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data, tail_mask = cifar100_lt_batches(batches + 3, 64, eta, torch.device("cpu"), seed)
+        data = [(x[:, :, :8, :8], y) for x, y in data]
+        out = {}
+        for method in methods:
+            torch.manual_seed(0)
+            model = resnet32(width=width)
+            times = []
+            if method == "sgd":
+                opt = torch.optim.SGD(model.parameters(), **KW)
+                for i, (x, y) in enumerate(data):
+                    F.cross_entropy(model(x), y).backward()
+                    t0 = time.perf_counter()
+                    opt.step()
+                    opt.zero_grad()
+                    if i >= 3 and bool(tail_mask[y].any()):
+                        times.append(time.perf_counter() - t0)
+            else:
+                kw = dict(class_weights=sam_weights(100)) if method == "sam" else dict(tail_mask=tail_mask)
+                mode = dict(mode="fast", model=model) if method.startswith("fast") else dict(model=model)
+                if method == "fast-ghost":
+                    mode["fast_bn"] = "ghost"
+                opt = ImbSAM(model.parameters(), torch.optim.SGD, **kw, **mode, **KW)
+                windows = _WallWindows()
+                opt.register_step_hooks(windows)
+                for i, (x, y) in enumerate(data):
+                    closure = windows.timed(_closure(model, x, y))
+                    windows.seconds = 0.0
+                    t0 = time.perf_counter()
+                    opt.step(closure, y)
+                    if i >= 3 and bool(tail_mask[y].any()):
+                        times.append(time.perf_counter() - t0 - windows.seconds)
+            out[method] = statistics.median(times) * 1e3
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _WallWindows(StepHooks):
+    """Wall-clock seconds spent in backwards (hooks) and in the closure (``timed``) during a step."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def before_backward(self, opt, phase, loss):
+        self._t0 = time.perf_counter()
+        return loss
+
+    def after_backward(self, opt, phase):
+        self.seconds += time.perf_counter() - self._t0
+
+    def timed(self, closure):
+        def wrapped(index=None):
+            t0 = time.perf_counter()
+            try:
+                return closure(index)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return wrapped
 
 
 def tail_histogram(tails: list[int]) -> str:
