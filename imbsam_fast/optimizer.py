@@ -214,8 +214,8 @@ class ImbSAM(Optimizer):
     def first_step(self) -> None:
         """After the head backward: move each ``.grad`` aside (no copy) as ``g_h``."""
         self._require(_IDLE, "first_step")
-        params, _ = params_with_grad(self.param_groups)
-        self._head_grads = {p: p.grad for p in params}
+        params, grads, _ = params_with_grad(self.param_groups)
+        self._head_grads = dict(zip(params, grads))
         for p in params:
             p.grad = None
         self._phase = _STASHED
@@ -228,8 +228,8 @@ class ImbSAM(Optimizer):
         put back as ``.grad`` so the perturbed backward accumulates onto it.
         """
         self._require(_STASHED, "second_step")
-        params, rhos = params_with_grad(self.param_groups)
-        buckets = self._buckets.build(params, rhos)
+        params, grads, rhos = params_with_grad(self.param_groups)
+        buckets = self._buckets.build(params, grads, rhos)
         self._tail_norm = self._ops.perturb_(buckets)
         self._perturbed = buckets
         for p in params:

@@ -19,36 +19,43 @@ from .backends import Bucket
 __all__ = ["ParamBuckets", "params_with_grad"]
 
 
-def params_with_grad(groups: list[dict[str, Any]]) -> tuple[list[Tensor], list[float]]:
-    """The parameters whose ``.grad`` is set, and their group's ``rho``; sparse gradients are an error."""
+def params_with_grad(groups: list[dict[str, Any]]) -> tuple[list[Tensor], list[Tensor], list[float]]:
+    """The parameters whose ``.grad`` is set, those gradients, and the groups' ``rho``; sparse gradients
+    are an error."""
     params: list[Tensor] = []
+    grads: list[Tensor] = []
     rhos: list[float] = []
     for group in groups:
         rho = group["rho"]
         for p in group["params"]:
-            if p.grad is not None:
+            g = p.grad
+            if g is not None:
+                if g.is_sparse:
+                    raise RuntimeError(
+                        "ImbSAM does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
+                        "use dense gradients"
+                    )
                 params.append(p)
+                grads.append(g)
                 rhos.append(rho)
-    if any(p.grad.is_sparse for p in params):
-        raise RuntimeError(
-            "ImbSAM does not support sparse gradients (e.g. nn.Embedding(sparse=True)); use dense gradients"
-        )
-    return params, rhos
+    return params, grads, rhos
 
 
 class ParamBuckets:
-    """``build(params, rhos)`` -> buckets whose ``grads`` are the parameters' current ``.grad``."""
+    """``build(params, grads, rhos)`` -> buckets of the parameters with their gradients and backups."""
 
     def __init__(self) -> None:
         self._params: list[Tensor] = []
         self._rhos: list[float] = []
         self._layout: list[Bucket] = []
+        self._slots: list[list[int]] = []
 
-    def build(self, params: list[Tensor], rhos: list[float]) -> list[Bucket]:
+    def build(self, params: list[Tensor], grads: list[Tensor], rhos: list[float]) -> list[Bucket]:
         if not self._same(params, rhos):
-            self._layout = self._group(params, rhos)
+            self._layout, self._slots = self._group(params, rhos)
             self._params, self._rhos = params, rhos
-        return [Bucket(b.params, [p.grad for p in b.params], b.backups, b.rho) for b in self._layout]
+        return [Bucket(b.params, [grads[i] for i in slots], b.backups, b.rho)
+                for b, slots in zip(self._layout, self._slots)]
 
     def _same(self, params: list[Tensor], rhos: list[float]) -> bool:
         if len(params) != len(self._params) or rhos != self._rhos:
@@ -63,13 +70,15 @@ class ParamBuckets:
         return True
 
     @staticmethod
-    def _group(params: list[Tensor], rhos: list[float]) -> list[Bucket]:
-        by_key: dict[tuple[torch.device, torch.dtype, float], Bucket] = {}
-        for p, rho in zip(params, rhos):
+    def _group(params: list[Tensor], rhos: list[float]) -> tuple[list[Bucket], list[list[int]]]:
+        """The buckets (params and fresh backups) and, per bucket, the positions of its params in ``params``."""
+        by_key: dict[tuple[torch.device, torch.dtype, float], tuple[Bucket, list[int]]] = {}
+        for i, (p, rho) in enumerate(zip(params, rhos)):
             key = (p.device, p.dtype, rho)
-            b = by_key.get(key)
-            if b is None:
-                b = by_key[key] = Bucket([], [], [], rho)
-            b.params.append(p)
-            b.backups.append(torch.empty_like(p, memory_format=torch.preserve_format))
-        return list(by_key.values())
+            entry = by_key.get(key)
+            if entry is None:
+                entry = by_key[key] = (Bucket([], [], [], rho), [])
+            entry[0].params.append(p)
+            entry[0].backups.append(torch.empty_like(p, memory_format=torch.preserve_format))
+            entry[1].append(i)
+        return [b for b, _ in by_key.values()], [slots for _, slots in by_key.values()]

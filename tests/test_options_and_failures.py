@@ -340,3 +340,32 @@ def test_batchnorm_layer_called_twice_records_each_call():
             ref_var, ref_mean = torch.var_mean(x, dim=0, correction=0)
             torch.testing.assert_close(mean, ref_mean, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(var, ref_var, rtol=1e-4, atol=1e-5)
+
+
+def test_bucket_layout_follows_parameters_that_change_dtype_or_gain_a_gradient():
+    """The cached bucket layout is rebuilt when a parameter is re-typed in place or the set with a gradient changes."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, lr=0.1)
+    x, y = vector_batches(1)[0]
+    y[0] = 9
+    model[2].bias.requires_grad_(False)
+    opt.step(_closure(model, x, y), y)
+    assert not any(model[2].bias is p for p in opt._buckets._layout[0].params)
+    model[2].bias.requires_grad_(True)
+    opt.step(_closure(model, x, y), y)
+    assert any(model[2].bias is p for p in opt._buckets._layout[0].params)
+    model[0].bias.requires_grad_(False)
+    opt.step(_closure(model, x, y), y)
+    model[0].bias.requires_grad_(True)  # as many parameters with a gradient as before, not the same ones
+    model[2].bias.requires_grad_(False)
+    opt.step(_closure(model, x, y), y)
+    layout = [p for b in opt._buckets._layout for p in b.params]
+    assert any(model[0].bias is p for p in layout) and not any(model[2].bias is p for p in layout)
+    model[2].bias.requires_grad_(True)
+    model.double()  # same Parameter objects, new float64 data
+    before = [p.detach().clone() for p in model.parameters()]
+    out = opt.step(_closure(model, x.double(), y), y)
+    assert out.perturbed_tail.dtype == torch.float64
+    assert all(b.dtype == torch.float64 for bucket in opt._buckets._layout for b in bucket.backups)
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -38,10 +38,15 @@ KW = dict(lr=0.01, momentum=0.9, weight_decay=1e-3)
 METHODS = ("sgd", "sam", "public", "exact", "fast", "fast-ghost")
 
 
-def cifar100_lt_batches(n: int, batch: int, eta: float, device: torch.device, seed: int = 0):
-    """``n`` batches of random 32x32 images with CIFAR-100-LT labels, and the tail mask for ``eta``."""
+def cifar100_lt_batches(n: int, batch: int, eta: float, device: torch.device, seed: int = 0,
+                        head_only: bool = False):
+    """``n`` batches of random 32x32 images with CIFAR-100-LT labels, and the tail mask for ``eta``.
+
+    ``head_only`` draws the labels from the head classes alone (batches with no tail sample)."""
     counts = exponential_profile(500, 100, 100)
     probs = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    if head_only:
+        probs = probs.masked_fill(tail_class_mask(counts, eta), 0.0)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -120,9 +125,11 @@ class StepTimes:
 
 
 def run(eta: float, batches: int, device: torch.device, warmup: int = 3, norm: str = "batch",
-        methods: Sequence[str] = METHODS, progress: bool = False, seed: int = 0) -> StepTimes:
-    """Time one step per method on each of ``batches`` batches (after ``warmup`` untimed ones)."""
-    data, tail_mask = cifar100_lt_batches(batches + warmup, 64, eta, device, seed)
+        methods: Sequence[str] = METHODS, progress: bool = False, seed: int = 0, head_only: bool = False
+        ) -> StepTimes:
+    """Time one step per method on each of ``batches`` batches (after ``warmup`` untimed ones);
+    ``head_only``: batches with no tail sample only."""
+    data, tail_mask = cifar100_lt_batches(batches + warmup, 64, eta, device, seed, head_only)
     step, _ = make_steppers(device, tail_mask, norm, methods)
     out = StepTimes(eta, [], {m: [] for m in methods})
     bar = None
@@ -307,9 +314,12 @@ def report(res: StepTimes) -> list[str]:
         f"batch mean {statistics.mean(res.tails):.2f} (count:batches {tail_histogram(res.tails)})",
         f"{'method':<12}{'total s':>9}{'x SGD':>8}{'tail b.':>9}{'no-tail b.':>11}{'median':>8}",
     ]
+    def cell(value: float, width: int) -> str:
+        return f"{value:>{width - 1}.2f}x" if value == value else f"{'-':>{width}}"
+
     for m in res.times:
-        lines.append(f"{m:<12}{res.total(m):>9.2f}{res.ratio(m):>7.2f}x{res.ratio(m, True):>8.2f}x"
-                     f"{res.ratio(m, False):>10.2f}x{res.median_ratio(m):>7.2f}x")
+        lines.append(f"{m:<12}{res.total(m):>9.2f}{cell(res.ratio(m), 8)}{cell(res.ratio(m, True), 9)}"
+                     f"{cell(res.ratio(m, False), 11)}{cell(res.median_ratio(m), 8)}")
     lines.append("x SGD: total time over all batches / SGD's total; tail b. / no-tail b.: the same over the batches "
                  "with / without a tail sample; median: of the per-batch ratios")
     return lines
