@@ -17,7 +17,6 @@ RUNS = {
     "imbsam exact": dict(optimizer="imbsam"),
     "imbsam fast (ghost 8)": dict(optimizer="imbsam-fast", fast_bn="ghost"),
     "imbsam fast (replay-ghost)": dict(optimizer="imbsam-fast", fast_bn="replay-ghost"),
-    "imbsam fast (replay)": dict(optimizer="imbsam-fast", fast_bn="replay"),
 }
 
 

@@ -14,21 +14,17 @@ times that addition too, so the comparison is like for like.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-sys.path.insert(0, os.path.dirname(__file__))
+from ...optimizer import ImbSAM
+from ...reference import ReferenceImbSAM
+from .shapes import numel, resnet32_shapes, transformer_shapes
 
-from shapes import numel, resnet32_shapes, transformer_shapes  # noqa: E402
-
-from imbsam_fast import ImbSAM  # noqa: E402
-from imbsam_fast.reference import ReferenceImbSAM  # noqa: E402
+__all__ = ["bench", "main"]
 
 SGD_KW = dict(lr=0.01, momentum=0.9, weight_decay=1e-3)
 
