@@ -52,7 +52,7 @@ class ParamBuckets:
 
     def build(self, params: list[Tensor], grads: list[Tensor], rhos: list[float]) -> list[Bucket]:
         if not self._same(params, rhos):
-            self._layout, self._slots = self._group(params, rhos)
+            self._layout, self._slots = self._group(params, rhos, self._old_backups())
             self._params, self._rhos = params, rhos
         return [Bucket(b.params, [grads[i] for i in slots], b.backups, b.rho)
                 for b, slots in zip(self._layout, self._slots)]
@@ -69,16 +69,29 @@ class ParamBuckets:
                 return False
         return True
 
+    def _old_backups(self) -> dict[int, tuple[Tensor, Tensor]]:
+        return {id(p): (p, b) for bucket in self._layout for p, b in zip(bucket.params, bucket.backups)}
+
     @staticmethod
-    def _group(params: list[Tensor], rhos: list[float]) -> tuple[list[Bucket], list[list[int]]]:
-        """The buckets (params and fresh backups) and, per bucket, the positions of its params in ``params``."""
+    def _group(params: list[Tensor], rhos: list[float], old: dict[int, tuple[Tensor, Tensor]]
+               ) -> tuple[list[Bucket], list[list[int]]]:
+        """The buckets (params and their backups, reused from ``old`` where they still fit) and, per bucket, the
+        positions of its params in ``params``. A schedule on ``rho`` thus regroups without reallocating."""
         by_key: dict[tuple[torch.device, torch.dtype, float], tuple[Bucket, list[int]]] = {}
         for i, (p, rho) in enumerate(zip(params, rhos)):
             key = (p.device, p.dtype, rho)
             entry = by_key.get(key)
             if entry is None:
                 entry = by_key[key] = (Bucket([], [], [], rho), [])
+            prev = old.get(id(p))
+            backup = prev[1] if prev is not None and prev[0] is p and _fits(prev[1], p) else None
             entry[0].params.append(p)
-            entry[0].backups.append(torch.empty_like(p, memory_format=torch.preserve_format))
+            entry[0].backups.append(backup if backup is not None else
+                                    torch.empty_like(p, memory_format=torch.preserve_format))
             entry[1].append(i)
         return [b for b, _ in by_key.values()], [slots for _, slots in by_key.values()]
+
+
+def _fits(backup: Tensor, p: Tensor) -> bool:
+    return backup.shape == p.shape and backup.dtype == p.dtype and backup.device == p.device and (
+        backup.stride() == p.stride())

@@ -369,3 +369,26 @@ def test_bucket_layout_follows_parameters_that_change_dtype_or_gain_a_gradient()
     assert out.perturbed_tail.dtype == torch.float64
     assert all(b.dtype == torch.float64 for bucket in opt._buckets._layout for b in bucket.backups)
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_a_schedule_on_rho_regroups_without_new_backups_and_uses_the_new_rho():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, lr=0.1, rho=0.05)
+    x, y = vector_batches(1)[0]
+    y[0] = 9
+    opt.step(_closure(model, x, y), y)
+    backups = [b for bucket in opt._buckets._layout for b in bucket.backups]
+    opt.param_groups[0]["rho"] = 0.2
+    opt.zero_grad()
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    (losses * (~TAIL[y]).float()).sum().div(16).backward(retain_graph=True)
+    opt.first_step()
+    (losses * TAIL[y].float()).sum().div(16).backward()
+    g = [p.grad.clone() for p in model.parameters()]
+    w = [p.detach().clone() for p in model.parameters()]
+    opt.second_step()
+    norm = torch.linalg.vector_norm(torch.stack([t.norm() for t in g]))
+    for p, w0, g0 in zip(model.parameters(), w, g):
+        torch.testing.assert_close(p.detach(), w0 + 0.2 * g0 / norm)
+    assert all(a is b for a, b in zip(backups, (b for bucket in opt._buckets._layout for b in bucket.backups)))
