@@ -12,7 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["check_label_dtype", "check_targets", "check_labels", "check_label_flag", "label_range_message"]
+__all__ = [
+    "check_label_dtype", "check_targets", "check_labels", "check_label_flag", "class_index", "label_range_message",
+]
 
 
 def check_label_dtype(targets: Tensor) -> None:
@@ -57,6 +59,24 @@ def check_labels(targets: Tensor, num_classes: int, ignored: Optional[Tensor] = 
             raise ValueError(f"{message}; got {bad.numel()} outside, e.g. {bad[0].item()}")
     else:
         torch._assert_async(valid.all(), message)
+
+
+def class_index(targets: Tensor, num_classes: int, ignore_index: int, source: str = "class weights") -> Tensor:
+    """``targets`` with ``ignore_index`` mapped to ``num_classes`` (a row of zeros in a weight table), every
+    other label checked to lie in ``[0, num_classes)``: ``ValueError`` on CPU, a device assert elsewhere."""
+    ignored = targets == ignore_index
+    idx = targets.masked_fill(ignored, num_classes)
+    if targets.device.type == "cpu":
+        # CPU tensors: reading the extremes is not a device sync, so fail eagerly with a clear message.
+        if idx.numel():
+            low, high = (int(v) for v in torch.aminmax(idx))
+            if low < 0 or high > num_classes or (high == num_classes and bool((idx == num_classes).ne(ignored).any())):
+                check_labels(targets, num_classes, ignored, ignore_index, source)
+    else:
+        safe = targets.masked_fill(ignored, 0)
+        torch._assert_async((safe.clamp(0, num_classes - 1) == safe).all(),
+                            label_range_message(num_classes, ignore_index, source))
+    return idx
 
 
 def check_label_flag(flag: Tensor, num_classes: int, ignore_index: Optional[int] = None,

@@ -45,7 +45,8 @@ def split_head_tail(
 def weighted_sum(losses: torch.Tensor, weights: torch.Tensor, denom: int) -> torch.Tensor:
     """``sum_i w_i l_i / max(denom, 1)``, the weights moved to the losses' device and dtype (no host sync)."""
     w = weights.to(device=losses.device, dtype=losses.dtype, non_blocking=True)
-    return (w * losses).sum() / max(denom, 1)
+    total = torch.dot(w, losses)
+    return total if denom <= 1 else total / denom
 
 
 def class_weighted_cross_entropy(

@@ -165,7 +165,7 @@ class ImbSAM(Optimizer):
 
     def _set_class_weights(self, weights: Optional[ClassWeights]) -> None:
         self.class_weights = weights
-        self._weights_on: dict[torch.device, ClassWeights] = {}
+        self._weights_on: dict[torch.device, tuple[ClassWeights, Tensor]] = {}
         # Presets with no head part (SAM) or no tail part (plain training) skip the passes they do not need.
         self._has_head = weights is None or bool((weights.head != 0).any())
         self._has_tail = weights is None or bool((weights.tail != 0).any())
@@ -363,11 +363,11 @@ class ImbSAM(Optimizer):
 
     def _sample_weights(self, targets: Tensor) -> tuple[Tensor, Tensor]:
         assert self.class_weights is not None
-        weights = self._weights_on.get(targets.device)
-        if weights is None:
+        on_device = self._weights_on.get(targets.device)
+        if on_device is None:
             weights = self.class_weights.to(targets.device)
-            self._weights_on[targets.device] = weights
-        return sample_weights(weights, targets, self.ignore_index, self._weights_source)
+            on_device = self._weights_on[targets.device] = (weights, weights.table())
+        return sample_weights(on_device[0], targets, self.ignore_index, self._weights_source, table=on_device[1])
 
     @torch.no_grad()
     def _abort(self) -> None:

@@ -22,7 +22,7 @@ from typing import Sequence, Union
 
 import torch
 
-from .labels import check_labels, check_targets
+from .labels import check_targets, class_index
 
 __all__ = [
     "ClassWeights",
@@ -79,6 +79,10 @@ class ClassWeights:
     @property
     def num_classes(self) -> int:
         return self.head.numel()
+
+    def table(self) -> torch.Tensor:
+        """``(C + 1, 2)``: row ``k`` is ``(a_k, b_k)``; the last row, zeros, serves ignored samples."""
+        return torch.nn.functional.pad(torch.stack([self.head, self.tail], 1), (0, 0, 0, 1))
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ClassWeights:
         return ClassWeights(self.head.to(device=device, dtype=dtype), self.tail.to(device=device, dtype=dtype))
@@ -169,20 +173,21 @@ def focal_sam_weights(class_counts: CountsLike, lam: float = 1.0, gamma: float =
 
 
 def sample_weights(
-    weights: ClassWeights, targets: torch.Tensor, ignore_index: int = -100, source: str = "class weights"
+    weights: ClassWeights, targets: torch.Tensor, ignore_index: int = -100, source: str = "class weights",
+    table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample weights ``(a[y_i], b[y_i])``; samples with ``y_i == ignore_index`` get 0.
 
-    Labels outside
-    ``[0, C)`` (other than ``ignore_index``) raise ``ValueError`` on CPU; on an
-    accelerator they trip a device-side assert, so no host sync is made.
+    Labels outside ``[0, C)`` (other than ``ignore_index``) raise ``ValueError`` on
+    CPU; on an accelerator they trip a device-side assert, so no host sync is made.
+    ``table`` is :meth:`ClassWeights.table` on the targets' device, when the caller keeps one.
     """
     check_targets(targets)
-    ignored = targets == ignore_index
-    check_labels(targets, weights.num_classes, ignored, ignore_index, source)
-    safe = targets.masked_fill(ignored, 0)
-    head, tail = weights.head.to(targets.device), weights.tail.to(targets.device)
-    return head[safe].masked_fill(ignored, 0.0), tail[safe].masked_fill(ignored, 0.0)
+    idx = class_index(targets, weights.num_classes, ignore_index, source)
+    if table is None:
+        table = weights.to(targets.device).table()
+    rows = table[idx]
+    return rows[:, 0], rows[:, 1]
 
 
 def _check_num_classes(num_classes: int) -> None:

@@ -16,6 +16,7 @@ from imbsam_fast import (
     split_head_tail,
     tail_class_mask,
 )
+from imbsam_fast.priors import sample_weights
 
 
 def test_tail_class_mask_and_splits():
@@ -118,3 +119,25 @@ def test_empty_batch_gives_zero_losses():
         tail_weight=2.0,
     )
     assert head.item() == 0 and tail.item() == 0
+
+
+@pytest.mark.parametrize("labels,ignore_index,ok", [
+    ([0, 3, 2], -100, False),    # 3 == C, not ignored
+    ([0, -100, 2], -100, True),
+    ([0, -1, 2], -100, False),
+    ([0, 3, 2], 3, True),        # ignore_index == C
+    ([0, 4, 2], 3, False),
+    ([-100, -100], -100, True),
+])
+def test_sample_weights_label_rule(labels, ignore_index, ok):
+    w = ClassWeights(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.0, 4.0]))
+    y = torch.tensor(labels)
+    if not ok:
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+            sample_weights(w, y, ignore_index)
+        return
+    a, b = sample_weights(w, y, ignore_index)
+    keep = y != ignore_index
+    safe = torch.where(keep, y, 0)
+    torch.testing.assert_close(a, torch.where(keep, w.head[safe], 0.0))
+    torch.testing.assert_close(b, torch.where(keep, w.tail[safe], 0.0))

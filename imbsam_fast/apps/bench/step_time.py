@@ -234,47 +234,57 @@ def structural_host_time(methods: Sequence[str], eta: float, batches: int, width
     The model keeps ResNet-32's 95 parameter tensors and 31 BatchNorm layers, so what remains is the
     per-step cost that does not scale with the model: Python, operator dispatch, allocation. That is what
     a launch-bound GPU step pays on the host. For ``"sgd"`` it is ``zero_grad()`` plus ``step()``; for the
-    others the time of ``step(closure, targets)`` minus its forwards and backwards. Only batches with a
-    tail sample are counted.
+    others the time of ``step(closure, targets)`` minus its forwards and backwards. The methods run
+    interleaved batch by batch; only batches with a tail sample are counted.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         data, tail_mask = cifar100_lt_batches(batches + 3, 64, eta, torch.device("cpu"), seed)
         data = [(x[:, :, :8, :8], y) for x, y in data]
-        out = {}
-        for method in methods:
-            torch.manual_seed(0)
-            model = resnet32(width=width)
-            times = []
-            if method == "sgd":
-                opt = torch.optim.SGD(model.parameters(), **KW)
-                for i, (x, y) in enumerate(data):
-                    F.cross_entropy(model(x), y).backward()
-                    t0 = time.perf_counter()
-                    opt.step()
-                    opt.zero_grad()
-                    if i >= 3 and bool(tail_mask[y].any()):
-                        times.append(time.perf_counter() - t0)
-            else:
-                kw = dict(class_weights=sam_weights(100)) if method == "sam" else dict(tail_mask=tail_mask)
-                mode = dict(mode="fast", model=model) if method.startswith("fast") else dict(model=model)
-                if method == "fast-ghost":
-                    mode["fast_bn"] = "ghost"
-                opt = ImbSAM(model.parameters(), torch.optim.SGD, **kw, **mode, **KW)
-                windows = _WallWindows()
-                opt.register_step_hooks(windows)
-                for i, (x, y) in enumerate(data):
-                    closure = windows.timed(_closure(model, x, y))
-                    windows.seconds = 0.0
-                    t0 = time.perf_counter()
-                    opt.step(closure, y)
-                    if i >= 3 and bool(tail_mask[y].any()):
-                        times.append(time.perf_counter() - t0 - windows.seconds)
-            out[method] = statistics.median(times) * 1e3
-        return out
+        runners = {m: _host_timer(m, tail_mask, width) for m in methods}
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        for i, (x, y) in enumerate(data):
+            for m in methods:
+                t = runners[m](x, y)
+                if i >= 3 and bool(tail_mask[y].any()):
+                    times[m].append(t)
+        return {m: statistics.median(v) * 1e3 for m, v in times.items()}
     finally:
         torch.set_num_threads(threads)
+
+
+def _host_timer(method: str, tail_mask: torch.Tensor, width: int) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """``time(x, y)``: one step of ``method`` on its own model; returns its host seconds outside fwd/bwd."""
+    torch.manual_seed(0)
+    model = resnet32(width=width)
+    if method == "sgd":
+        sgd = torch.optim.SGD(model.parameters(), **KW)
+
+        def time_sgd(x, y):
+            F.cross_entropy(model(x), y).backward()
+            t0 = time.perf_counter()
+            sgd.step()
+            sgd.zero_grad()
+            return time.perf_counter() - t0
+
+        return time_sgd
+    kw = dict(class_weights=sam_weights(100)) if method == "sam" else dict(tail_mask=tail_mask)
+    mode = dict(mode="fast", model=model) if method.startswith("fast") else dict(model=model)
+    if method == "fast-ghost":
+        mode["fast_bn"] = "ghost"
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, **kw, **mode, **KW)
+    windows = _WallWindows()
+    opt.register_step_hooks(windows)
+
+    def time_imbsam(x, y):
+        closure = windows.timed(_closure(model, x, y))
+        windows.seconds = 0.0
+        t0 = time.perf_counter()
+        opt.step(closure, y)
+        return time.perf_counter() - t0 - windows.seconds
+
+    return time_imbsam
 
 
 class _WallWindows(StepHooks):
