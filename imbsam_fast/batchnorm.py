@@ -111,6 +111,8 @@ class BatchNormStats:
             count = calls[module] = calls.get(module, 0) + 1
             if module in solved:
                 if count == 1:
+                    x = args[0]
+                    sizes[module] = x.numel() // x.shape[1]
                     return
                 # A second call of the same layer: solve its first call now, and go per call from here on.
                 solved.discard(module)
@@ -121,13 +123,7 @@ class BatchNormStats:
                 var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
             self._stats.setdefault(module, []).append((mean, var))
 
-        def post_hook(module: _BatchNorm, args: tuple[Tensor, ...], output: Tensor) -> None:
-            if module in solved and calls.get(module) == 1:
-                x = args[0]
-                sizes[module] = x.numel() // x.shape[1]
-
         handles = [m.register_forward_pre_hook(pre_hook) for m in training]
-        handles += [m.register_forward_hook(post_hook) for m in training if m in solved]
         try:
             yield
         finally:
