@@ -127,7 +127,8 @@ class ImbSAM(Optimizer):
         self.skipped_steps = 0
         self.last_step_skipped = False
         self._phase = _IDLE
-        self._head_grads: dict[Tensor, Optional[Tensor]] = {}
+        # (params, their g_h): two lists, since hashing a tensor is a Python call (Tensor.__hash__).
+        self._head_grads: tuple[list[Tensor], list[Tensor]] = ([], [])
         self._buckets = ParamBuckets()
         self._perturbed: list[Bucket] = []
         self._tail_norm: Optional[Tensor] = None
@@ -210,12 +211,11 @@ class ImbSAM(Optimizer):
                 f"it expects '{phase}'. Call the steps in order: {order}."
             )
 
-    @torch.no_grad()
     def first_step(self) -> None:
         """After the head backward: move each ``.grad`` aside (no copy) as ``g_h``."""
         self._require(_IDLE, "first_step")
         params, grads, _ = params_with_grad(self.param_groups)
-        self._head_grads = dict(zip(params, grads))
+        self._head_grads = (params, grads)
         for p in params:
             p.grad = None
         self._phase = _STASHED
@@ -234,9 +234,9 @@ class ImbSAM(Optimizer):
         self._perturbed = buckets
         for p in params:
             p.grad = None
-        for p, g in self._head_grads.items():
+        for p, g in zip(*self._head_grads):
             p.grad = g
-        self._head_grads = {}
+        self._head_grads = ([], [])
         self._phase = _PERTURBED
 
     @torch.no_grad()
@@ -248,7 +248,6 @@ class ImbSAM(Optimizer):
         self._phase = _IDLE
         self._base_step(zero_grad)
 
-    @torch.no_grad()
     def _base_step(self, zero_grad: bool = True) -> None:
         """The ``before_base_step`` hooks, the non-finite policy, then the base optimizer's step."""
         self._opt_called = True
@@ -375,7 +374,7 @@ class ImbSAM(Optimizer):
         if self._perturbed:
             self._ops.restore_(self._perturbed)
         self._perturbed = []
-        self._head_grads = {}
+        self._head_grads = ([], [])
         self._tail_norm = None
         self._phase = _IDLE
         _clear_grads(self.param_groups)
