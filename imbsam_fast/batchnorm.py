@@ -54,10 +54,8 @@ class BatchNormStats:
         self.layers = batchnorm_layers(model)
         self._stats: dict[_BatchNorm, list[tuple[Tensor, Tensor]]] = {}
         self._per_call: set[_BatchNorm] = set()
-        self._copy_src: list[Tensor] = []
-        self._snapshot_src: list[Tensor] = []
-        self._snapshot_saved: list[Tensor] = []
-        self._copies: list[Tensor] = []
+        self._running_copy = _ReusedCopy()
+        self._snapshot_copy = _ReusedCopy()
 
     def active(self) -> bool:
         """Whether any BatchNorm layer is in training mode (eval-mode layers need no handling)."""
@@ -76,12 +74,7 @@ class BatchNormStats:
         buffers = self.buffers()
         if not buffers:
             return None
-        src = self._snapshot_src
-        if len(src) != len(buffers) or not all(map(operator.is_, src, buffers)):
-            self._snapshot_saved = [torch.empty_like(b) for b in buffers]
-            self._snapshot_src = buffers
-        torch._foreach_copy_(self._snapshot_saved, buffers)
-        return BatchNormSnapshot(buffers, self._snapshot_saved)
+        return BatchNormSnapshot(buffers, self._snapshot_copy.of(buffers))
 
     @contextmanager
     def record(self) -> Iterator[None]:
@@ -134,18 +127,11 @@ class BatchNormStats:
             for m, stats in zip(done, _solve_all(done, [old_of[m] for m in done], [sizes[m] for m in done])):
                 self._stats[m] = [stats]
 
-    @torch.no_grad()
     def _copy_running_stats(self, modules: list[_BatchNorm]) -> list[Tensor]:
         """``[mean_0, var_0, mean_1, ...]`` of ``modules`` copied into buffers reused across steps."""
         if not modules:
             return []
-        running = [t for m in modules for t in _running(m)]
-        src = self._copy_src
-        if len(src) != len(running) or not all(map(operator.is_, src, running)):
-            self._copies = [torch.empty_like(t) for t in running]
-            self._copy_src = running
-        torch._foreach_copy_(self._copies, running)
-        return self._copies
+        return self._running_copy.of([t for m in modules for t in _running(m)])
 
     @contextmanager
     def replay(self) -> Iterator[None]:
@@ -180,6 +166,23 @@ class BatchNormStats:
         finally:
             for m in frozen:
                 m.__dict__["track_running_stats"] = True
+
+
+class _ReusedCopy:
+    """``of(tensors)``: a copy of ``tensors`` (one foreach copy) into storage kept across calls, reallocated
+    only when the tensors are not the same objects as last time. A copy is good until the next call."""
+
+    def __init__(self) -> None:
+        self._src: list[Tensor] = []
+        self._copies: list[Tensor] = []
+
+    @torch.no_grad()
+    def of(self, tensors: list[Tensor]) -> list[Tensor]:
+        if len(self._src) != len(tensors) or not all(map(operator.is_, self._src, tensors)):
+            self._copies = [torch.empty_like(t) for t in tensors]
+            self._src = tensors
+        torch._foreach_copy_(self._copies, tensors)
+        return self._copies
 
 
 class BatchNormSnapshot:
