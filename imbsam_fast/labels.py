@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "check_label_dtype", "check_targets", "check_labels", "check_label_flag", "class_index", "label_range_message",
+    "check_label_dtype", "check_targets", "check_label_flag", "class_index", "label_range_message",
 ]
 
 
@@ -45,20 +45,13 @@ def label_range_message(num_classes: int, ignore_index: Optional[int] = None, so
     )
 
 
-def check_labels(targets: Tensor, num_classes: int, ignored: Optional[Tensor] = None,
-                 ignore_index: Optional[int] = None, source: str = "class weights") -> None:
-    """Every label lies in ``[0, num_classes)`` or is ``ignored`` (``ValueError`` on CPU, device assert elsewhere)."""
-    valid = (targets >= 0) & (targets < num_classes)
-    if ignored is not None:
-        valid = valid | ignored
-    message = label_range_message(num_classes, ignore_index, source)
-    if targets.device.type == "cpu":
-        # CPU tensors: reading the flag is not a device sync, so fail eagerly with a clear message.
-        if targets.numel() and not bool(valid.all()):
-            bad = targets[~valid]
-            raise ValueError(f"{message}; got {bad.numel()} outside, e.g. {bad[0].item()}")
-    else:
-        torch._assert_async(valid.all(), message)
+def _raise_bad_labels(targets: Tensor, num_classes: int, ignored: Tensor, ignore_index: int, source: str) -> None:
+    """CPU only: ``ValueError`` naming how many labels are outside ``[0, num_classes)`` and one of them."""
+    bad = targets[~(((targets >= 0) & (targets < num_classes)) | ignored)]
+    if bad.numel():
+        # An error path on CPU tensors: reading a value back is no device sync.
+        raise ValueError(f"{label_range_message(num_classes, ignore_index, source)}; got {bad.numel()} outside, "
+                         f"e.g. {bad[0].item()}")
 
 
 def class_index(targets: Tensor, num_classes: int, ignore_index: int, source: str = "class weights") -> Tensor:
@@ -71,7 +64,7 @@ def class_index(targets: Tensor, num_classes: int, ignore_index: int, source: st
         if idx.numel():
             low, high = (int(v) for v in torch.aminmax(idx))
             if low < 0 or high > num_classes or (high == num_classes and bool((idx == num_classes).ne(ignored).any())):
-                check_labels(targets, num_classes, ignored, ignore_index, source)
+                _raise_bad_labels(targets, num_classes, ignored, ignore_index, source)
     else:
         safe = targets.masked_fill(ignored, 0)
         torch._assert_async((safe.clamp(0, num_classes - 1) == safe).all(),
