@@ -29,11 +29,13 @@ from torch.optim import Optimizer
 
 from .backends import Bucket, resolve_param_backend
 from .batchnorm import BatchNormSnapshot, BatchNormStats
+from .distributed import local_tensor, make_grad_sync
 from .hooks import HookHandle, StepHooks
 from .labels import check_targets
-from .options import check_rho, class_weights_from
+from .options import check_adaptive, check_max_grad_norm, check_micro_batches, check_rho, class_weights_from
 from .param_buckets import ParamBuckets, params_with_grad
 from .priors import ClassWeights, sample_weights
+from .scaling import ScaledStep, check_scaler
 from .schedules import StepLosses, StepRun, check_index_closure, make_schedule
 
 __all__ = ["ImbSAM", "StepLosses", "NONFINITE"]
@@ -47,11 +49,13 @@ class ImbSAM(Optimizer):
     """ImbSAM as a ``torch.optim.Optimizer`` wrapping a base optimizer.
 
     Args:
-        params: parameters or param groups (a group may set its own ``rho``).
+        params: parameters or param groups (a group may set its own ``rho`` and ``adaptive``).
             When ``base_optimizer`` is an instance, pass its parameters (or ``None``).
         base_optimizer: an optimizer class (built on the same param groups with
             ``base_kwargs``) or an already-built optimizer instance.
         rho: radius of the perturbation (public default 0.05).
+        adaptive: ASAM's scale-invariant perturbation (Kwon et al. 2021), per group:
+            ``e = rho * w^2 * g_t / ||(|w| * g_t)||`` (the norm over every parameter).
         tail_mask: bool tensor, one entry per class (``True`` = tail): the ImbSAM
             preset with ``tail_weight``.
         tail_weight: factor on the tail loss with ``tail_mask`` (default 2.0, the
@@ -65,7 +69,15 @@ class ImbSAM(Optimizer):
             (``closure(index)``). Needs ``model``.
         model: the module the closure runs. Fast mode handles its BatchNorm
             layers; in both modes a skipped non-finite step restores its
-            BatchNorm buffers.
+            BatchNorm buffers. A ``DistributedDataParallel`` module here makes the
+            step synchronize as :mod:`imbsam_fast.distributed` describes; FSDP2
+            (``fully_shard``) parameters are recognized from the parameters.
+        ascent_sync: with DDP, ``"global"`` (default: the tail gradient is averaged
+            over processes before the ascent, as one process on the global batch
+            would) or ``"local"`` (each replica ascends along its own, m-sharpness,
+            with no extra communication).
+        max_grad_norm: clip the combined gradient to this global L2 norm before the
+            base step (on the device, over every process's gradient under DDP or FSDP2).
         bn_stats: exact mode only: ``"reference"`` (default; running statistics
             update in both forwards, as the public code does) or ``"first"``.
         fast_bn, ghost_batch: fast mode only: the BatchNorm treatment of the tail
@@ -86,6 +98,7 @@ class ImbSAM(Optimizer):
         base_optimizer: Union[type[Optimizer], Optimizer],
         *,
         rho: float = 0.05,
+        adaptive: bool = False,
         tail_mask: Optional[Union[Tensor, Sequence[bool]]] = None,
         tail_weight: Optional[float] = None,
         class_weights: Optional[ClassWeights] = None,
@@ -97,9 +110,13 @@ class ImbSAM(Optimizer):
         backend: str = "auto",
         nonfinite: str = "skip",
         ignore_index: int = -100,
+        ascent_sync: Optional[str] = None,
+        max_grad_norm: Optional[float] = None,
         **base_kwargs: Any,
     ) -> None:
         rho = check_rho(rho)
+        adaptive = check_adaptive(adaptive)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -111,11 +128,12 @@ class ImbSAM(Optimizer):
         self._bn = BatchNormStats(model) if model is not None else None
         self.schedule = make_schedule(mode, model, self._bn, bn_stats=bn_stats, fast_bn=fast_bn,
                                       ghost_batch=ghost_batch)
-        base = self._build_base(params, base_optimizer, rho, base_kwargs)
+        base = self._build_base(params, base_optimizer, {"rho": rho, "adaptive": adaptive}, base_kwargs)
         self.base_optimizer = base
         self.param_groups = base.param_groups
         self.defaults.update({k: v for k, v in base.defaults.items() if k not in self.defaults})
         self._fill_rho()
+        self._sync = make_grad_sync(model, [p for g in self.param_groups for p in g["params"]], ascent_sync)
 
         self._set_class_weights(weights)
         self.nonfinite = nonfinite
@@ -133,8 +151,11 @@ class ImbSAM(Optimizer):
         self._perturbed: list[Bucket] = []
         self._tail_norm: Optional[Tensor] = None
         self._bn_backup: Optional[BatchNormSnapshot] = None
+        self._scaled: Optional[ScaledStep] = None
+        self._restored_bn = False
 
-    def _build_base(self, params: Any, base_optimizer: Any, rho: float, base_kwargs: dict[str, Any]) -> Optimizer:
+    def _build_base(self, params: Any, base_optimizer: Any, own: dict[str, Any], base_kwargs: dict[str, Any]
+                    ) -> Optimizer:
         if isinstance(base_optimizer, Optimizer):
             if isinstance(base_optimizer, ImbSAM):
                 raise TypeError("base_optimizer cannot itself be ImbSAM")
@@ -148,21 +169,22 @@ class ImbSAM(Optimizer):
                 theirs = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
                 if ours != theirs:
                     raise ValueError("params differ from the parameters of the given base optimizer instance")
-            super().__init__(base_optimizer.param_groups, {"rho": rho})
+            super().__init__(base_optimizer.param_groups, own)
             return base_optimizer
         if isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
             if issubclass(base_optimizer, ImbSAM):
                 raise TypeError("base_optimizer cannot itself be ImbSAM")
-            super().__init__(params, {"rho": rho, **base_kwargs})
+            super().__init__(params, {**own, **base_kwargs})
             return base_optimizer(self.param_groups, **base_kwargs)
         raise TypeError(
             f"base_optimizer must be a torch.optim.Optimizer class or instance, got {type(base_optimizer).__name__}"
         )
 
     def _fill_rho(self) -> None:
-        """Every group gets ``rho`` (the default where it has none), checked."""
+        """Every group gets ``rho`` and ``adaptive`` (the defaults where it has none), checked."""
         for group in self.param_groups:
             group["rho"] = check_rho(group.setdefault("rho", self.defaults["rho"]))
+            group["adaptive"] = check_adaptive(group.setdefault("adaptive", self.defaults.get("adaptive", False)))
 
     def _set_class_weights(self, weights: Optional[ClassWeights]) -> None:
         self.class_weights = weights
@@ -224,13 +246,14 @@ class ImbSAM(Optimizer):
     def second_step(self) -> None:
         """After the tail backward: ``e = rho g_t / (||g_t||_2 + 1e-16)``, ``w <- w + e``.
 
-        The norm is one global L2 norm over all parameters. The head gradient is
-        put back as ``.grad`` so the perturbed backward accumulates onto it.
+        The norm is one global L2 norm over all parameters (over all shards under
+        FSDP2); adaptive groups take ASAM's ``e`` (see ``adaptive``). The head
+        gradient is put back as ``.grad`` so the perturbed backward accumulates onto it.
         """
         self._require(_STASHED, "second_step")
         params, grads, rhos = params_with_grad(self.param_groups)
         buckets = self._buckets.build(params, grads, rhos)
-        self._tail_norm = self._ops.perturb_(buckets)
+        self._tail_norm = self._ops.perturb_(buckets, self._sq_reduce)
         self._perturbed = buckets
         for p in params:
             p.grad = None
@@ -248,30 +271,74 @@ class ImbSAM(Optimizer):
         self._phase = _IDLE
         self._base_step(zero_grad)
 
+    @property
+    def _sq_reduce(self) -> Optional[Callable[[Tensor], Tensor]]:
+        return None if self._sync.kind != "fsdp2" else self._sync.reduce_sq_norm
+
     def _base_step(self, zero_grad: bool = True) -> None:
-        """The ``before_base_step`` hooks, the non-finite policy, then the base optimizer's step."""
+        """The ``before_base_step`` hooks, clipping, the non-finite policy, then the base optimizer's step."""
         self._opt_called = True
         self.steps += 1
+        scaled = self._scaled
+        if scaled is not None:
+            scaled.before_base_step(self)
         for h in self._step_hooks:
             h.before_base_step(self)
-        if self._skip_if_nonfinite():
+        check = self.nonfinite != "none" and scaled is None
+        total = self._update_norm() if check or self.max_grad_norm is not None else None
+        if self.max_grad_norm is not None:
+            assert total is not None
+            self._clip(total)
+        tail_norm, self._tail_norm = self._tail_norm, None
+        if scaled is not None:
+            if scaled.found_inf(self):
+                self._skip()
+                return
+        elif check and not _finite(total, tail_norm):
+            self._skip()
+            self._report_nonfinite()
             return
+        self.last_step_skipped = False
         self.base_optimizer.step()
         if zero_grad:
             _clear_grads(self.param_groups)
 
-    def _skip_if_nonfinite(self) -> bool:
-        """Apply the ``nonfinite`` policy; True when the base step must be skipped."""
-        if self.nonfinite == "none" or self._grads_finite():
-            self.last_step_skipped = False
-            return False
+    def _local_grads(self) -> list[list[Tensor]]:
+        """The gradients in ``.grad`` (local shards under FSDP2), one list per device and dtype."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if self._sync.kind == "fsdp2":
+            grads = [local_tensor(g) for g in grads]
+        first = grads[0] if grads else None
+        if first is not None and all(g.device == first.device and g.dtype == first.dtype for g in grads):
+            return [grads]
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for g in grads:
+            by_kind.setdefault((g.device, g.dtype), []).append(g)
+        return list(by_kind.values())
+
+    def _update_norm(self) -> Tensor:
+        """``||g||_2`` of the combined gradient in ``.grad``, over every shard."""
+        return self._ops.grad_norm(self._local_grads(), self._sq_reduce)
+
+    def _clip(self, total: Tensor) -> None:
+        """``g <- g * min(1, max_grad_norm / (||g|| + 1e-6))``, as ``clip_grad_norm_``, with no host sync."""
+        for grads in self._local_grads():
+            coef = (self.max_grad_norm / (total.to(grads[0].device) + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+
+    def _skip(self) -> None:
+        """Skip the base step: gradients cleared, BatchNorm buffers restored when a snapshot exists."""
         self.skipped_steps += 1
         self.last_step_skipped = True
         _clear_grads(self.param_groups)
-        restored = self._bn_backup is not None
-        if restored:
+        self._restored_bn = self._bn_backup is not None
+        if self._bn_backup is not None:
             self._bn_backup.restore()
             self._bn_backup = None
+
+    def _report_nonfinite(self) -> None:
+        """Warn or raise (``nonfinite``) about the skipped step."""
+        restored = self._restored_bn
         msg = (
             f"ImbSAM step {self.steps}: non-finite gradient; the base step was skipped and the weights "
             "left as they were"
@@ -285,24 +352,6 @@ class ImbSAM(Optimizer):
         if self.nonfinite == "raise":
             raise FloatingPointError(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
-        return True
-
-    def _grads_finite(self) -> bool:
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        first = grads[0] if grads else None
-        if first is not None and all(g.device == first.device and g.dtype == first.dtype for g in grads):
-            lists = [grads]
-        else:
-            by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-            for g in grads:
-                by_kind.setdefault((g.device, g.dtype), []).append(g)
-            lists = list(by_kind.values())
-        total = self._ops.grad_norm(lists)
-        tail = self._tail_norm if self._tail_norm is not None else total
-        self._tail_norm = None
-        # One host sync per step is the price of deciding whether to call the base
-        # optimizer (as torch.amp.GradScaler does); nonfinite="none" avoids it.
-        return bool(torch.isfinite(total + tail.to(total.device)))
 
     # -------------------------------------------------------------- one call
 
@@ -310,6 +359,9 @@ class ImbSAM(Optimizer):
         self,
         closure: Optional[Callable[..., Tensor]] = None,
         targets: Optional[Tensor] = None,
+        *,
+        scaler: Optional[torch.amp.GradScaler] = None,
+        micro_batches: int = 1,
     ) -> Optional[StepLosses]:
         """One ImbSAM step, running every pass itself.
 
@@ -325,12 +377,27 @@ class ImbSAM(Optimizer):
         fails half-way is undone (weights restored, gradients cleared) before
         the error propagates.
 
+        ``scaler``: a ``torch.amp.GradScaler`` for fp16. Every backward is scaled
+        and every pass unscaled once (:mod:`imbsam_fast.scaling`); an inf or NaN
+        skips the step (weights and BatchNorm buffers restored, no warning) and
+        makes ``scaler.update()``, which the caller runs after the step as
+        usual, back off. Do not call ``scaler.step(opt)``.
+
+        ``micro_batches=k``: every pass runs over ``k`` chunks through
+        ``closure(chunk_index)`` (so the closure must take an index, in both
+        modes), gradients accumulating: activation memory of one chunk. Losses
+        stay normalized by the whole batch, so without BatchNorm the update
+        equals ``k=1``'s; BatchNorm layers normalize each chunk by its own
+        statistics, and fast mode's pass at w takes the ghost batch.
+
         With no closure, this is the base optimizer's ``step()``, so ImbSAM can
         stand in for a plain optimizer.
         """
         if closure is None:
             if targets is not None:
                 raise TypeError("targets given without a closure")
+            if scaler is not None or micro_batches != 1:
+                raise TypeError("scaler= and micro_batches= apply to step(closure, targets)")
             self._require(_IDLE, "step")
             self._opt_called = True
             self.base_optimizer.step()
@@ -343,15 +410,27 @@ class ImbSAM(Optimizer):
             raise ValueError("ImbSAM.step(closure, targets) needs tail_mask= or class_weights= at construction")
         self._require(_IDLE, "step")
         check_targets(targets)
-        if self.schedule.name == "fast":
+        micro_batches = check_micro_batches(micro_batches)
+        if self.schedule.name == "fast" or micro_batches > 1:
             check_index_closure(closure)
+        hooks = self._step_hooks
+        scaled = None
+        if scaler is not None:
+            check_scaler(scaler)
+            if self._sync.kind == "fsdp2":
+                raise ValueError("scaler= is not supported with FSDP2 parameters yet; train in bf16 autocast")
+            if scaler.is_enabled():
+                scaled = ScaledStep(scaler, self._sync)
+                hooks = [scaled, *hooks]
         batch = targets.shape[0]
         if batch == 0:
             zero = torch.zeros((), device=targets.device)
             return StepLosses(zero, zero.clone(), zero.clone(), torch.zeros(0, device=targets.device))
         head_w, tail_w = self._sample_weights(targets)
-        self._bn_backup = self._bn.snapshot() if self._bn is not None and self.nonfinite != "none" else None
-        run = StepRun(self, closure, batch, self._step_hooks)
+        self._bn_backup = (self._bn.snapshot() if self._bn is not None and (self.nonfinite != "none" or scaled)
+                           else None)
+        run = StepRun(self, closure, batch, hooks, self._sync, micro_batches)
+        self._scaled = scaled
         try:
             return self.schedule.run(run, targets, head_w, tail_w, self._has_head, self._has_tail)
         except BaseException:
@@ -359,6 +438,7 @@ class ImbSAM(Optimizer):
             raise
         finally:
             self._bn_backup = None
+            self._scaled = None
 
     def _sample_weights(self, targets: Tensor) -> tuple[Tensor, Tensor]:
         assert self.class_weights is not None
@@ -417,6 +497,15 @@ class ImbSAM(Optimizer):
             f"ImbSAM(mode={self.mode!r}, backend={self.backend!r}, nonfinite={self.nonfinite!r}, "
             f"base={self.base_optimizer!r})"
         )
+
+
+def _finite(total: Optional[Tensor], tail: Optional[Tensor]) -> bool:
+    """Whether the update's norm and the tail gradient's norm are finite."""
+    assert total is not None
+    tail = total if tail is None else tail.to(total.device)
+    # One host sync per step is the price of deciding whether to call the base
+    # optimizer (as torch.amp.GradScaler does); nonfinite="none" avoids it.
+    return bool(torch.isfinite(total + tail))
 
 
 def _clear_grads(groups: list[dict[str, Any]]) -> None:

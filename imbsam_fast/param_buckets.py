@@ -1,9 +1,11 @@
 """The parameters that have a gradient, grouped into buckets for the backends, with a cached layout.
 
-A bucket holds same-device, same-dtype, same-``rho`` parameters, their gradients
-and their backup buffers. Which parameters have a gradient rarely changes from
-step to step, so the grouping and the backups are kept, and rebuilt only when
-that set, or a group's ``rho``, changes; each step only collects the gradients.
+A bucket holds same-device, same-dtype, same-``(rho, adaptive)`` parameters,
+their gradients and their backup buffers. Which parameters have a gradient
+rarely changes from step to step, so the grouping and the backups are kept,
+and rebuilt only when that set, or a group's ``rho`` or ``adaptive``, changes;
+each step only collects the gradients. Sharded (DTensor) parameters enter
+the buckets as their local shards.
 """
 
 from __future__ import annotations
@@ -15,18 +17,23 @@ import torch
 from torch import Tensor
 
 from .backends import Bucket
+from .distributed import local_tensor
 
 __all__ = ["ParamBuckets", "params_with_grad"]
 
 
-def params_with_grad(groups: list[dict[str, Any]]) -> tuple[list[Tensor], list[Tensor], list[float]]:
-    """The parameters whose ``.grad`` is set, those gradients, and the groups' ``rho``; sparse gradients
-    are an error."""
+Setting = tuple[float, bool]
+"""A parameter's ``(rho, adaptive)``, from its group."""
+
+
+def params_with_grad(groups: list[dict[str, Any]]) -> tuple[list[Tensor], list[Tensor], list[Setting]]:
+    """The parameters whose ``.grad`` is set, those gradients, and their groups' ``(rho, adaptive)``;
+    sparse gradients are an error."""
     params: list[Tensor] = []
     grads: list[Tensor] = []
-    rhos: list[float] = []
+    rhos: list[Setting] = []
     for group in groups:
-        rho = group["rho"]
+        rho = (group["rho"], group["adaptive"])
         for p in group["params"]:
             g = p.grad
             if g is not None:
@@ -42,22 +49,28 @@ def params_with_grad(groups: list[dict[str, Any]]) -> tuple[list[Tensor], list[T
 
 
 class ParamBuckets:
-    """``build(params, grads, rhos)`` -> buckets of the parameters with their gradients and backups."""
+    """``build(params, grads, settings)`` -> buckets of the parameters (their local shards) with their
+    gradients and backups."""
 
     def __init__(self) -> None:
         self._params: list[Tensor] = []
-        self._rhos: list[float] = []
+        self._rhos: list[Setting] = []
         self._layout: list[Bucket] = []
         self._slots: list[list[int]] = []
+        self._sharded = False
 
-    def build(self, params: list[Tensor], grads: list[Tensor], rhos: list[float]) -> list[Bucket]:
+    def build(self, params: list[Tensor], grads: list[Tensor], rhos: list[Setting]) -> list[Bucket]:
         if not self._same(params, rhos):
-            self._layout, self._slots = self._group(params, rhos, self._old_backups())
+            local = [local_tensor(p) for p in params]
+            self._sharded = any(map(operator.is_not, local, params))
+            self._layout, self._slots = self._group(local, rhos, self._old_backups())
             self._params, self._rhos = params, rhos
-        return [Bucket(b.params, [grads[i] for i in slots], b.backups, b.rho)
+        if self._sharded:
+            grads = [local_tensor(g) for g in grads]
+        return [Bucket(b.params, [grads[i] for i in slots], b.backups, b.rho, b.adaptive)
                 for b, slots in zip(self._layout, self._slots)]
 
-    def _same(self, params: list[Tensor], rhos: list[float]) -> bool:
+    def _same(self, params: list[Tensor], rhos: list[Setting]) -> bool:
         if len(params) != len(self._params) or rhos != self._rhos:
             return False
         if not all(map(operator.is_, params, self._params)):
@@ -73,16 +86,16 @@ class ParamBuckets:
         return {id(p): (p, b) for bucket in self._layout for p, b in zip(bucket.params, bucket.backups)}
 
     @staticmethod
-    def _group(params: list[Tensor], rhos: list[float], old: dict[int, tuple[Tensor, Tensor]]
+    def _group(params: list[Tensor], rhos: list[Setting], old: dict[int, tuple[Tensor, Tensor]]
                ) -> tuple[list[Bucket], list[list[int]]]:
         """The buckets (params and their backups, reused from ``old`` where they still fit) and, per bucket, the
         positions of its params in ``params``. A schedule on ``rho`` thus regroups without reallocating."""
-        by_key: dict[tuple[torch.device, torch.dtype, float], tuple[Bucket, list[int]]] = {}
-        for i, (p, rho) in enumerate(zip(params, rhos)):
-            key = (p.device, p.dtype, rho)
+        by_key: dict[tuple[torch.device, torch.dtype, Setting], tuple[Bucket, list[int]]] = {}
+        for i, (p, setting) in enumerate(zip(params, rhos)):
+            key = (p.device, p.dtype, setting)
             entry = by_key.get(key)
             if entry is None:
-                entry = by_key[key] = (Bucket([], [], [], rho), [])
+                entry = by_key[key] = (Bucket([], [], [], setting[0], setting[1]), [])
             prev = old.get(id(p))
             backup = prev[1] if prev is not None and prev[0] is p and _fits(prev[1], p) else None
             entry[0].params.append(p)

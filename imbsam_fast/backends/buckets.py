@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["Bucket", "EPS", "combine_sq_norms"]
+__all__ = ["Bucket", "EPS", "SqNormReduce", "sum_sq_norms"]
 
 EPS = 1e-16
+
+SqNormReduce = Optional[Callable[[Tensor], Tensor]]
+"""Applied to a sum of squares before its square root: sums it over the shards of sharded parameters."""
 
 
 @dataclass
 class Bucket:
-    """Same-device, same-dtype, same-``rho`` parameters with their gradients and backup buffers."""
+    """Same-device, same-dtype, same-``rho`` parameters with their gradients and backup buffers.
+
+    ``adaptive`` buckets take the ASAM perturbation (``|w|``-scaled, see :mod:`.contract`).
+    """
 
     params: list[Tensor]
     grads: list[Tensor]
     backups: list[Tensor]
     rho: float
+    adaptive: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -30,14 +38,11 @@ class Bucket:
         return self.params[0].dtype
 
 
-def combine_sq_norms(sq_norms: list[Tensor]) -> Tensor:
-    """``||g||_2 = sqrt(sum_b s_b)`` from per-bucket sums of squares, on the first one's device.
-
-    Empty input gives a zero norm on the CPU.
-    """
+def sum_sq_norms(sq_norms: list[Tensor]) -> Tensor:
+    """``sum_b s_b`` of per-bucket sums of squares, on the first one's device (a CPU zero when empty)."""
     if not sq_norms:
         return torch.zeros(())
-    device = sq_norms[0].device
     if len(sq_norms) == 1:
-        return sq_norms[0].sqrt()
-    return torch.stack([s.to(device, non_blocking=True) for s in sq_norms]).sum().sqrt()
+        return sq_norms[0]
+    device = sq_norms[0].device
+    return torch.stack([s.to(device, non_blocking=True) for s in sq_norms]).sum()

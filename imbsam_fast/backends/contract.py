@@ -4,9 +4,13 @@ A backend works on whole phases over parameter buckets (same device, dtype and
 ``rho``), so that a fused backend can fuse across tensors and buckets::
 
     grad_norm(lists)  ||g||_2 over every tensor of every list        (0-dim tensor, no host sync)
-    perturb_(buckets) n = ||g||_2; per bucket backup <- w, w <- w + rho / (n + 1e-16) * g; returns n
+    perturb_(buckets) t = |w| * g on adaptive buckets, t = g on the others; n = ||t||_2;
+                      per bucket backup <- w, w <- w + rho / (n + 1e-16) * e
+                      with e = |w| * t (ASAM: w^2 * g) or e = t (SAM); returns n
     restore_(buckets) w <- backup, a bit copy
 
+Both norms take ``reduce``: a function applied to the sum of squares before
+its square root, which sums it over the shards of sharded (FSDP2) parameters.
 ``fallbacks`` names what a backend handed to the torch ops instead (e.g.
 ``"torch.float64"``), so that the optimizer can say which backend really ran.
 """
@@ -17,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-from .buckets import Bucket
+from .buckets import Bucket, SqNormReduce
 
 __all__ = ["ParamOps"]
 
@@ -29,8 +33,8 @@ class ParamOps(Protocol):
     name: str
     fallbacks: set[str]
 
-    def grad_norm(self, grad_lists: list[list[Tensor]]) -> Tensor: ...
+    def grad_norm(self, grad_lists: list[list[Tensor]], reduce: SqNormReduce = None) -> Tensor: ...
 
-    def perturb_(self, buckets: list[Bucket]) -> Tensor: ...
+    def perturb_(self, buckets: list[Bucket], reduce: SqNormReduce = None) -> Tensor: ...
 
     def restore_(self, buckets: list[Bucket]) -> None: ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .buckets import EPS, Bucket, combine_sq_norms
+from .buckets import EPS, Bucket, SqNormReduce, sum_sq_norms
 
 __all__ = ["TorchParamOps"]
 
@@ -31,22 +31,27 @@ class TorchParamOps:
         norms = torch._foreach_norm(grads, 2, dtype=acc)
         return torch.stack(norms).square().sum()
 
-    def grad_norm(self, grad_lists: list[list[Tensor]]) -> Tensor:
-        """Global ``||g||_2`` over every tensor of every list."""
-        return combine_sq_norms([self.sq_norm(gs) for gs in grad_lists if gs])
+    def grad_norm(self, grad_lists: list[list[Tensor]], reduce: SqNormReduce = None) -> Tensor:
+        """Global ``||g||_2 = sqrt(reduce(sum_j ||g_j||^2))`` over every tensor of every list."""
+        total = sum_sq_norms([self.sq_norm(gs) for gs in grad_lists if gs])
+        return (total if reduce is None else reduce(total)).sqrt()
 
-    def perturb_(self, buckets: list[Bucket]) -> Tensor:
-        """One global norm ``n = ||g||_2``, then per bucket ``backup <- w``, ``w <- w + rho / (n + 1e-16) * g``.
+    def perturb_(self, buckets: list[Bucket], reduce: SqNormReduce = None) -> Tensor:
+        """One global norm ``n = ||t||_2``, then per bucket ``backup <- w``, ``w <- w + rho / (n + 1e-16) * e``.
 
-        Returns ``n``. The gradients may be overwritten (with ``e``): the optimizer
-        no longer needs the tail gradient at w.
+        ``t = g`` and ``e = t`` (SAM), or on adaptive buckets ``t = |w| * g`` and
+        ``e = |w| * t`` (ASAM). Returns ``n``. The gradients are overwritten
+        (with ``t``, then ``e``): the optimizer no longer needs the tail gradient at w.
         """
-        norm = self.grad_norm([b.grads for b in buckets])
+        magnitudes = [_scale_adaptive_(b) for b in buckets]
+        norm = self.grad_norm([b.grads for b in buckets], reduce)
         scales: dict[tuple[torch.device, float], Tensor] = {}
-        for b in buckets:
+        for b, mag in zip(buckets, magnitudes):
             key = (b.device, b.rho)
             if key not in scales:
                 scales[key] = (b.rho / (norm + EPS)).to(b.device, non_blocking=True)
+            if mag is not None:
+                torch._foreach_mul_(b.grads, mag)
             perturb_bucket_(b, scales[key])
         return norm
 
@@ -54,6 +59,15 @@ class TorchParamOps:
         """Bit-exact restore: ``w <- backup``."""
         for b in buckets:
             torch._foreach_copy_(b.params, b.backups)
+
+
+def _scale_adaptive_(b: Bucket) -> list[Tensor] | None:
+    """``g <- |w| * g`` on an adaptive bucket; returns ``|w|`` (``None`` for other buckets)."""
+    if not b.adaptive:
+        return None
+    magnitude = torch._foreach_abs(b.params)
+    torch._foreach_mul_(b.grads, magnitude)
+    return magnitude
 
 
 def perturb_bucket_(b: Bucket, scale: Tensor) -> None:

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .buckets import EPS, Bucket
+from .buckets import EPS, Bucket, SqNormReduce
 from .kernels import interpreting, load_kernels
 from .torch_ops import TorchParamOps, perturb_bucket_
 
@@ -85,13 +85,23 @@ class TritonParamOps:
         parts = [self.sq_norm(gs).to(device, non_blocking=True) for gs in grad_lists]
         return torch.stack([p.to(torch.float64 if p.dtype == torch.float64 else torch.float32) for p in parts]).sum()
 
-    def grad_norm(self, grad_lists: list[list[Tensor]]) -> Tensor:
-        """Global ``||g||_2`` over every tensor of every list."""
-        return self._total_sq_norm(grad_lists).sqrt()
+    def grad_norm(self, grad_lists: list[list[Tensor]], reduce: SqNormReduce = None) -> Tensor:
+        """Global ``||g||_2 = sqrt(reduce(sum_j ||g_j||^2))`` over every tensor of every list."""
+        total = self._total_sq_norm(grad_lists)
+        return (total if reduce is None else reduce(total)).sqrt()
 
-    def perturb_(self, buckets: list[Bucket]) -> Tensor:
-        """Global norm, then ``backup <- w``, ``w <- w + rho / (norm + 1e-16) * g`` per bucket. Returns the norm."""
+    def perturb_(self, buckets: list[Bucket], reduce: SqNormReduce = None) -> Tensor:
+        """Global norm, then ``backup <- w``, ``w <- w + rho / (norm + 1e-16) * g`` per bucket. Returns the norm.
+
+        ASAM (adaptive) buckets scale the gradient by ``|w|`` before the shared norm, so
+        any adaptive bucket sends the whole phase through the torch ops.
+        """
+        if any(b.adaptive for b in buckets):
+            self.fallbacks.add("adaptive (ASAM)")
+            return self._torch.perturb_(buckets, reduce)
         total = self._total_sq_norm([b.grads for b in buckets])
+        if reduce is not None:
+            total = reduce(total)
         on_device: dict[torch.device, Tensor] = {}
         for b in buckets:
             if b.device not in on_device:

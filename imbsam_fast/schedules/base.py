@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, NamedTuple, Opt
 import torch
 from torch import Tensor
 
+from ..distributed import GradSync
+from ..hooks import ASCENT, HEAD
 from ..losses import weighted_sum
 
 if TYPE_CHECKING:
@@ -34,19 +36,29 @@ class StepLosses(NamedTuple):
 
 
 class StepRun:
-    """One step's passes for a schedule: ``forward``, ``backward`` and the optimizer phases.
+    """One step's passes for a schedule: forwards and backwards with their hooks, and the optimizer phases.
 
     Losses are normalized by the whole batch ``B``: a pass over a subset
     ``index`` with per-sample weights ``w`` contributes ``sum_i w_i l_i / B``.
+    With ``micro_batches = k > 1`` every pass runs over chunks of at most
+    ``ceil(B / k)`` samples through ``closure(chunk)``, each chunk's graph freed
+    before the next: gradients accumulate, activation memory is one chunk's.
+    The ``before_backward`` hooks see every chunk's loss, ``after_backward`` runs
+    once per pass. ``sync`` (:mod:`imbsam_fast.distributed`) decides which
+    passes synchronize gradients across processes: only the last chunk of the
+    pass marked ``sync=True``.
     """
 
-    __slots__ = ("opt", "closure", "batch", "hooks")
+    __slots__ = ("opt", "closure", "batch", "hooks", "sync", "micro_batches")
 
-    def __init__(self, opt: ImbSAM, closure: Callable[..., Tensor], batch: int, hooks: list[Any]) -> None:
+    def __init__(self, opt: ImbSAM, closure: Callable[..., Tensor], batch: int, hooks: list[Any],
+                 sync: GradSync, micro_batches: int = 1) -> None:
         self.opt = opt
         self.closure = closure
         self.batch = batch
         self.hooks = hooks
+        self.sync = sync
+        self.micro_batches = micro_batches
 
     def forward(self, index: Optional[Tensor] = None) -> Tensor:
         """Per-sample losses of the closure: ``closure()`` for the batch, ``closure(index)`` for a subset."""
@@ -66,21 +78,96 @@ class StepRun:
         """``sum_i w_i l_i / B``."""
         return weighted_sum(losses, weights, self.batch)
 
+    def chunks(self, index: Optional[Tensor], device: torch.device) -> list[Optional[Tensor]]:
+        """The sample indices of each micro-batch of a pass over ``index`` (``None``: the whole batch)."""
+        if self.micro_batches == 1:
+            return [index]
+        if index is None:
+            index = torch.arange(self.batch, device=device)
+        size = -(-self.batch // self.micro_batches)
+        return list(index.split(size))
+
     def backward(self, loss: Tensor, phase: str, retain_graph: bool = False) -> None:
-        """``loss.backward()`` with the hooks of ``phase`` around it."""
+        """``loss.backward()`` after the ``before_backward`` hooks of ``phase``."""
         for h in self.hooks:
             loss = h.before_backward(self.opt, phase, loss)
         loss.backward(retain_graph=retain_graph)
+
+    def finish(self, phase: str) -> None:
+        """A pass is complete: the tail gradient at w is synchronized, then the ``after_backward`` hooks run."""
+        if phase == ASCENT:
+            self.sync.reduce_ascent(_grads(self.opt.param_groups))
         for h in self.hooks:
             h.after_backward(self.opt, phase)
 
+    def full_pass(self, weights: Tensor, phase: str, *, sync: bool, backward: bool = True,
+                  context: Callable[[], ContextManager[Any]] = nullcontext) -> tuple[Tensor, Tensor]:
+        """Forward the batch and backward ``sum_i w_i l_i / B``; returns the per-sample losses and that loss,
+        detached."""
+        chunks = self.chunks(None, weights.device)
+        losses, total = [], []
+        for i, chunk in enumerate(chunks):
+            with context(), self.sync.forward_context(sync and i == len(chunks) - 1):
+                part = self.forward(chunk)
+                loss = self.loss(part, weights if chunk is None else weights[chunk])
+                if backward:
+                    self.backward(loss, phase)
+            losses.append(part.detach())
+            total.append(loss.detach())
+        if backward:
+            self.finish(phase)
+        return _joined(losses), _summed(total)
+
+    def head_and_ascent(self, head_w: Tensor, tail_w: Tensor, has_head: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Exact mode's first forward: g_h from the head loss (stashed), then g_t from the tail loss of the same
+        forward in ``.grad``. Returns the per-sample losses, the head and the tail loss, detached."""
+        chunks = self.chunks(None, head_w.device)
+        params = [p for group in self.opt.param_groups for p in group["params"]]
+        tail_grads: list[Optional[Tensor]] = [None] * len(params)
+        losses, heads, tails = [], [], []
+        for chunk in chunks:
+            with self.sync.forward_context(False):
+                part = self.forward(chunk)
+                head = self.loss(part, head_w if chunk is None else head_w[chunk])
+                tail = self.loss(part, tail_w if chunk is None else tail_w[chunk])
+                if has_head:
+                    self.backward(head, HEAD, retain_graph=True)
+                if len(chunks) == 1:
+                    if has_head:
+                        self.finish(HEAD)
+                    self.stash()
+                    self.backward(tail, ASCENT)
+                else:
+                    # g_h and g_t accumulate over chunks in two sets: swap the tail set into .grad for its backward.
+                    head_grads = [p.grad for p in params]
+                    _set_grads(params, tail_grads)
+                    self.backward(tail, ASCENT)
+                    tail_grads = [p.grad for p in params]
+                    _set_grads(params, head_grads)
+            losses.append(part.detach())
+            heads.append(head.detach())
+            tails.append(tail.detach())
+        if len(chunks) > 1:
+            if has_head:
+                self.finish(HEAD)
+            self.stash()
+            _set_grads(params, tail_grads)
+        self.finish(ASCENT)
+        return _joined(losses), _summed(heads), _summed(tails)
+
     def tail_pass(self, index: Optional[Tensor], weights: Tensor, phase: str,
-                  context: Callable[[], ContextManager[Any]] = nullcontext) -> Tensor:
-        """Forward ``closure(index)`` and backward ``sum_i w_i l_i / B`` within ``context()``; returns the loss."""
-        with context():
-            loss = self.loss(self.forward(index), weights)
-            self.backward(loss, phase)
-        return loss.detach()
+                  context: Callable[[], ContextManager[Any]] = nullcontext, *, sync: bool = False) -> Tensor:
+        """Forward ``closure(index)`` and backward ``sum_i w_i l_i / B`` (``weights`` of the whole batch)
+        within ``context()``; returns the loss, detached."""
+        chunks = self.chunks(index, weights.device)
+        total = []
+        for i, chunk in enumerate(chunks):
+            with context(), self.sync.forward_context(sync and i == len(chunks) - 1):
+                loss = self.loss(self.forward(chunk), weights if chunk is None else weights[chunk])
+                self.backward(loss, phase)
+            total.append(loss.detach())
+        self.finish(phase)
+        return _summed(total)
 
     def stash(self) -> None:
         """:meth:`ImbSAM.first_step`: move g_h aside."""
@@ -97,6 +184,23 @@ class StepRun:
     def plain_step(self) -> None:
         """The base step on the gradients at hand (no ascent)."""
         self.opt._base_step()
+
+
+def _grads(groups: list[dict[str, Any]]) -> list[Tensor]:
+    return [p.grad for group in groups for p in group["params"] if p.grad is not None]
+
+
+def _set_grads(params: list[Tensor], grads: list[Optional[Tensor]]) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g
+
+
+def _joined(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _summed(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
 _INDEX_OK: set[Any] = set()

@@ -42,19 +42,14 @@ class ExactSchedule:
 
     def run(self, run: StepRun, targets: Tensor, head_w: Tensor, tail_w: Tensor, has_head: bool,
             has_tail: bool) -> StepLosses:
-        losses = run.forward()
-        head = run.loss(losses, head_w)
-        tail = run.loss(losses, tail_w)
         if not has_tail:
-            run.backward(head, HEAD)
+            losses, head = run.full_pass(head_w, HEAD, sync=True)
             run.plain_step()
-            return StepLosses(head.detach(), tail.detach(), torch.zeros_like(tail.detach()), losses.detach())
-        if has_head:
-            run.backward(head, HEAD, retain_graph=True)
-        run.stash()
-        run.backward(tail, ASCENT)
+            tail = run.loss(losses, tail_w)
+            return StepLosses(head, tail, torch.zeros_like(tail), losses)
+        losses, head, tail = run.head_and_ascent(head_w, tail_w, has_head)
         run.ascend()
         context = self._bn.freeze_running_stats if self.bn_stats == "first" and self._bn else nullcontext
-        tail2 = run.tail_pass(None, tail_w, PERTURBED, context)
+        tail2 = run.tail_pass(None, tail_w, PERTURBED, context, sync=True)
         run.descend()
-        return StepLosses(head.detach(), tail.detach(), tail2, losses.detach())
+        return StepLosses(head, tail, tail2, losses)

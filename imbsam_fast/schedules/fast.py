@@ -9,7 +9,9 @@
 
 Losses of every pass are divided by the whole batch size, so without
 BatchNorm the update equals exact mode's. A batch with no tail sample is one
-forward, one backward and a plain step.
+forward, one backward and a plain step. Across processes (DDP, FSDP2) the
+tail count of the whole global batch decides, so every process runs the same
+passes: one whose own batch holds no tail sample runs them with zero weight.
 
 BatchNorm layers in training mode cannot normalize a pass over one or two
 tail samples with its own statistics, and must not move their running
@@ -70,30 +72,40 @@ class FastSchedule:
             has_tail: bool) -> StepLosses:
         # The tail passes are sized by the number of tail samples: reading it is one
         # host sync per step when the targets live on an accelerator (none on the CPU).
-        index = torch.nonzero(tail_w).squeeze(1) if has_tail else None
-        n_tail = 0 if index is None else index.shape[0]
+        index = torch.nonzero(tail_w).squeeze(1) if has_tail else tail_w.new_zeros(0, dtype=torch.long)
+        n_local = index.shape[0]
+        n_tail = self._global_count(run, n_local, tail_w.device) if has_tail else 0
         bn = n_tail > 0 and self._bn.active()
-        replay_at_w = bn and self.fast_bn == "replay-ghost"
+        replay_at_w = bn and self.fast_bn == "replay-ghost" and run.micro_batches == 1
         with self._bn.record() if replay_at_w else nullcontext():
-            losses = run.forward()
-        head = run.loss(losses, head_w)
-        tail = run.loss(losses.detach(), tail_w)
+            losses, head = run.full_pass(head_w, HEAD, sync=n_tail == 0, backward=has_head or n_tail == 0)
+        tail = run.loss(losses, tail_w)
         if n_tail == 0:
-            run.backward(head, HEAD)
             run.plain_step()
-            return StepLosses(head.detach(), tail, torch.zeros_like(tail), losses.detach())
-        if has_head:
-            run.backward(head, HEAD)
+            return StepLosses(head, tail, torch.zeros_like(tail), losses)
         run.stash()
-        ghosts = self._with_ghosts(index, tail_w, n_tail) if bn else index
+        ghosts = self._with_ghosts(index, tail_w, n_local) if bn else index
+        if n_local == 0:
+            # Tail samples elsewhere in the global batch: this process runs the same passes with zero weight.
+            index = index.new_zeros(1)
+            ghosts = ghosts if ghosts.numel() else index
+        frozen = self._bn.freeze_running_stats if bn else nullcontext
         if replay_at_w:
-            run.tail_pass(index, tail_w[index], ASCENT, self._bn.replay)
+            run.tail_pass(index, tail_w, ASCENT, self._bn.replay)
         else:
-            run.tail_pass(ghosts, tail_w[ghosts], ASCENT, self._bn.freeze_running_stats if bn else nullcontext)
+            run.tail_pass(ghosts, tail_w, ASCENT, frozen)
         run.ascend()
-        tail2 = run.tail_pass(ghosts, tail_w[ghosts], PERTURBED, self._bn.freeze_running_stats if bn else nullcontext)
+        tail2 = run.tail_pass(ghosts, tail_w, PERTURBED, frozen, sync=True)
         run.descend()
-        return StepLosses(head.detach(), tail, tail2, losses.detach())
+        return StepLosses(head, tail, tail2, losses)
+
+    @staticmethod
+    def _global_count(run: StepRun, n_local: int, device: torch.device) -> int:
+        """The tail count of the whole batch over processes: every process decides the same passes."""
+        if run.sync.kind == "none":
+            return n_local
+        # One all-reduce and one read per step: the passes (and so the collectives) depend on it.
+        return int(run.sync.global_count(torch.tensor(n_local, device=device)))
 
     def _with_ghosts(self, index: Tensor, tail_w: Tensor, n_tail: int) -> Tensor:
         """``index`` plus up to ``ghost_batch`` head samples drawn at random (torch's global RNG), sorted.
