@@ -59,7 +59,7 @@ class ScaledStep(StepHooks):
                     g = local_tensor(p.grad)
                     by_device.setdefault(g.device, []).append(g)
         for device, grads in by_device.items():
-            found = torch.zeros(1, device=device)
+            found = torch.zeros((), device=device)
             for same in _by_dtype(grads):
                 torch._amp_foreach_non_finite_check_and_unscale_(same, found, inv_scale.to(device))
             self._ascent_found[device] = found

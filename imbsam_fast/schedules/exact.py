@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..batchnorm import BatchNormStats
-from ..hooks import ASCENT, HEAD, PERTURBED
+from ..hooks import HEAD, PERTURBED
 from .base import StepLosses, StepRun
 
 __all__ = ["ExactSchedule", "BN_STATS"]

@@ -1,0 +1,139 @@
+"""Process launcher and worker functions for the multi-process tests (gloo on CPU).
+
+``run_workers(fn, world, *args)`` starts ``world`` processes running
+``fn(rank, world, init_file, *args)`` and fails the test when one raises or
+when they do not all finish within the timeout (a hang is a failure, not a
+wait). Workers write what the test checks with ``torch.save`` to ``out``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+TIMEOUT_S = 120.0
+
+
+def run_workers(fn: Callable[..., None], world: int, tmp_path: Any, *args: Any, timeout: float = TIMEOUT_S) -> None:
+    init_file = str(tmp_path / "init")
+    ctx = mp.start_processes(_entry, args=(fn, world, init_file, args), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"distributed workers did not finish within {timeout:.0f} s (a hang)")
+
+
+def _entry(rank: int, fn: Callable[..., None], world: int, init_file: str, args: tuple[Any, ...]) -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- shared data
+
+
+NUM_CLASSES = 6
+TAIL = torch.tensor([False, False, False, False, True, True])
+
+
+def mlp(seed: int = 0, batchnorm: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    if batchnorm:
+        return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, NUM_CLASSES))
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, NUM_CLASSES))
+
+
+def global_batches(steps: int, per_rank: int, world: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``world * per_rank`` samples; rank r takes rows ``[r * per_rank, (r + 1) * per_rank)``.
+
+    The tail count per rank cycles through: both ranks, rank 0 only, neither, rank 1 only, so that a
+    rank with no tail sample meets one with some, and both meet a batch with none.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(steps):
+        x = torch.randn(world * per_rank, 8, generator=g)
+        y = torch.randint(0, 4, (world * per_rank,), generator=g)
+        pattern = step % 4
+        for r in range(world):
+            has_tail = pattern == 0 or (pattern == 1 and r == 0) or (pattern == 3 and r == world - 1)
+            if has_tail:
+                y[r * per_rank + (step % per_rank)] = 4 + (step % 2)
+        out.append((x, y))
+    return out
+
+
+def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[..., torch.Tensor]:
+    def closure(index: Any = None) -> torch.Tensor:
+        if index is None:
+            return nn.functional.cross_entropy(model(x), y, reduction="none")
+        return nn.functional.cross_entropy(model(x[index]), y[index], reduction="none")
+
+    return closure
+
+
+# ---------------------------------------------------------------- DDP workers
+
+STEPS, PER_RANK, LR, RHO = 10, 8, 0.1, 0.05
+
+
+def _flat(tensors: Any) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+
+def _gathered(flat: torch.Tensor, world: int) -> list[torch.Tensor]:
+    out = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(out, flat)
+    return out
+
+
+def ddp_configs(rank: int, world: int, configs: list[dict[str, Any]], out: str) -> None:
+    """Train one DDP model per config for ``STEPS`` steps; save, per config, rank 0's parameters and
+    buffers, every rank's parameters, and the number of DDP all-reduces of each step."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from imbsam_fast import ImbSAM
+
+    results = []
+    for cfg in configs:
+        model = mlp(0, batchnorm=cfg.get("batchnorm", False))
+        ddp = DDP(model, gradient_as_bucket_view=cfg.get("bucket_view", False))
+        calls: list[int] = []
+
+        def counting_hook(state, bucket, calls=calls):  # noqa: ANN001 - DDP rejects string annotations
+            calls.append(1)
+            return allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, counting_hook)
+        opt = ImbSAM(ddp.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, rho=RHO, tail_mask=TAIL,
+                     mode=cfg["mode"], model=ddp, **cfg.get("options", {}))
+        per_step = []
+        for x, y in global_batches(STEPS, PER_RANK, world):
+            xs, ys = x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]
+            before = len(calls)
+            opt.step(per_sample_loss(ddp, xs, ys), ys, **cfg.get("step", {}))
+            per_step.append(len(calls) - before)
+        results.append({
+            "params": [p.detach().clone() for p in model.parameters()],
+            "replicas": _gathered(_flat(model.parameters()), world),
+            "buffers": [b.detach().clone() for b in model.buffers()],
+            "allreduces": per_step,
+        })
+    if rank == 0:
+        torch.save(results, out)
