@@ -48,7 +48,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "cli": CLI_REQUIRES,
-        "test": ["triton>=3.2", "pytest>=7", "pytest-benchmark>=4", "ruff>=0.5", *CLI_REQUIRES],
+        "lightning": ["lightning>=2.0"],
+        "test": ["triton>=3.2", "pytest>=7", "pytest-benchmark>=4", "ruff>=0.5", "lightning>=2.0", *CLI_REQUIRES],
     },
     entry_points={"console_scripts": ["imbsam-fast=imbsam_fast.apps.cli:main"]},
     ext_modules=ext_modules,

@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 
 from .backends import Bucket, resolve_param_backend
 from .batchnorm import BatchNormSnapshot, BatchNormStats
+from .closures import split_wrapped_closure
 from .distributed import local_tensor, make_grad_sync
 from .hooks import HookHandle, StepHooks
 from .labels import check_targets
@@ -152,6 +153,7 @@ class ImbSAM(Optimizer):
         self._tail_norm: Optional[Tensor] = None
         self._bn_backup: Optional[BatchNormSnapshot] = None
         self._scaled: Optional[ScaledStep] = None
+        self._active_hooks: Optional[list[StepHooks]] = None
         self._restored_bn = False
 
     def _build_base(self, params: Any, base_optimizer: Any, own: dict[str, Any], base_kwargs: dict[str, Any]
@@ -280,9 +282,7 @@ class ImbSAM(Optimizer):
         self._opt_called = True
         self.steps += 1
         scaled = self._scaled
-        if scaled is not None:
-            scaled.before_base_step(self)
-        for h in self._step_hooks:
+        for h in self._step_hooks if self._active_hooks is None else self._active_hooks:
             h.before_base_step(self)
         check = self.nonfinite != "none" and scaled is None
         total = self._update_norm() if check or self.max_grad_norm is not None else None
@@ -390,6 +390,9 @@ class ImbSAM(Optimizer):
         equals ``k=1``'s; BatchNorm layers normalize each chunk by its own
         statistics, and fast mode's pass at w takes the ghost batch.
 
+        A closure wrapped by Lightning's precision plugin is taken apart
+        (:mod:`imbsam_fast.closures`): ``on_before_optimizer_step`` fires once per step.
+
         With no closure, this is the base optimizer's ``step()``, so ImbSAM can
         stand in for a plain optimizer.
         """
@@ -411,9 +414,10 @@ class ImbSAM(Optimizer):
         self._require(_IDLE, "step")
         check_targets(targets)
         micro_batches = check_micro_batches(micro_batches)
+        closure, after_closure = split_wrapped_closure(closure)
         if self.schedule.name == "fast" or micro_batches > 1:
             check_index_closure(closure)
-        hooks = self._step_hooks
+        hooks = self._step_hooks if after_closure is None else [*self._step_hooks, after_closure]
         scaled = None
         if scaler is not None:
             check_scaler(scaler)
@@ -430,7 +434,7 @@ class ImbSAM(Optimizer):
         self._bn_backup = (self._bn.snapshot() if self._bn is not None and (self.nonfinite != "none" or scaled)
                            else None)
         run = StepRun(self, closure, batch, hooks, self._sync, micro_batches)
-        self._scaled = scaled
+        self._scaled, self._active_hooks = scaled, hooks
         try:
             return self.schedule.run(run, targets, head_w, tail_w, self._has_head, self._has_tail)
         except BaseException:
@@ -438,7 +442,7 @@ class ImbSAM(Optimizer):
             raise
         finally:
             self._bn_backup = None
-            self._scaled = None
+            self._scaled, self._active_hooks = None, None
 
     def _sample_weights(self, targets: Tensor) -> tuple[Tensor, Tensor]:
         assert self.class_weights is not None

@@ -123,11 +123,15 @@ def ddp_configs(rank: int, world: int, configs: list[dict[str, Any]], out: str) 
         ddp.register_comm_hook(None, counting_hook)
         opt = ImbSAM(ddp.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, rho=RHO, tail_mask=TAIL,
                      mode=cfg["mode"], model=ddp, **cfg.get("options", {}))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=10 ** 6) if cfg.get(
+            "scaler") else None
         per_step = []
         for x, y in global_batches(STEPS, PER_RANK, world):
             xs, ys = x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]
             before = len(calls)
-            opt.step(per_sample_loss(ddp, xs, ys), ys, **cfg.get("step", {}))
+            opt.step(per_sample_loss(ddp, xs, ys), ys, scaler=scaler, **cfg.get("step", {}))
+            if scaler is not None:
+                scaler.update()
             per_step.append(len(calls) - before)
         results.append({
             "params": [p.detach().clone() for p in model.parameters()],
@@ -135,5 +139,27 @@ def ddp_configs(rank: int, world: int, configs: list[dict[str, Any]], out: str) 
             "buffers": [b.detach().clone() for b in model.buffers()],
             "allreduces": per_step,
         })
+    if rank == 0:
+        torch.save(results, out)
+
+
+def fsdp2_configs(rank: int, world: int, configs: list[dict[str, Any]], out: str) -> None:
+    """Train one FSDP2 (``fully_shard``) model per config; save the full parameters (rank 0)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from imbsam_fast import ImbSAM
+
+    results = []
+    for cfg in configs:
+        model = mlp(0)
+        fully_shard(model[0])
+        fully_shard(model[2])
+        fully_shard(model)
+        opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, rho=RHO, tail_mask=TAIL,
+                     mode=cfg["mode"], model=model, **cfg.get("options", {}))
+        for x, y in global_batches(STEPS, PER_RANK, world):
+            xs, ys = x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]
+            opt.step(per_sample_loss(model, xs, ys), ys, **cfg.get("step", {}))
+        results.append({"params": [p.full_tensor().detach().clone() for p in model.parameters()]})
     if rank == 0:
         torch.save(results, out)

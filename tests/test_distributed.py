@@ -17,6 +17,7 @@ from distributed_workers import (
     STEPS,
     TAIL,
     ddp_configs,
+    fsdp2_configs,
     global_batches,
     mlp,
     per_sample_loss,
@@ -37,6 +38,17 @@ DDP_CONFIGS = {
     "exact-local": {"mode": "exact", "options": {"ascent_sync": "local"}},
     "fast-local": {"mode": "fast", "options": {"ascent_sync": "local"}},
     "fast-batchnorm": {"mode": "fast", "batchnorm": True},
+    "exact-clip": {"mode": "exact", "options": {"max_grad_norm": 0.05}},
+    "fast-micro": {"mode": "fast", "step": {"micro_batches": 3}},
+    "exact-micro": {"mode": "exact", "step": {"micro_batches": 3}},
+    "exact-scaler": {"mode": "exact", "scaler": True},
+    "fast-scaler": {"mode": "fast", "scaler": True},
+}
+FSDP2_CONFIGS = {
+    "exact": {"mode": "exact"},
+    "fast": {"mode": "fast"},
+    "exact-clip": {"mode": "exact", "options": {"max_grad_norm": 0.05}},
+    "fast-asam": {"mode": "fast", "options": {"adaptive": True}},
 }
 
 
@@ -48,11 +60,20 @@ def ddp_results(tmp_path_factory):
     return dict(zip(DDP_CONFIGS, torch.load(out)))
 
 
-def single_process(mode: str) -> list[torch.Tensor]:
+@pytest.fixture(scope="module")
+def fsdp2_results(tmp_path_factory):
+    pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
+    tmp = tmp_path_factory.mktemp("fsdp2")
+    out = tmp / "results.pt"
+    run_workers(fsdp2_configs, WORLD, tmp, list(FSDP2_CONFIGS.values()), str(out))
+    return dict(zip(FSDP2_CONFIGS, torch.load(out)))
+
+
+def single_process(mode: str, **options) -> list[torch.Tensor]:
     """ImbSAM in one process on the concatenated global batches."""
     model = mlp(0)
     opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, rho=RHO, tail_mask=TAIL, mode=mode,
-                 model=model)
+                 model=model, **options)
     for x, y in global_batches(STEPS, PER_RANK, WORLD):
         opt.step(per_sample_loss(model, x, y), y)
     return [p.detach() for p in model.parameters()]
@@ -131,3 +152,19 @@ def test_ddp_batchnorm_model_stays_in_sync(ddp_results):
     assert_replicas_equal(result)
     assert all(torch.isfinite(b.float()).all() for b in result["buffers"])
     assert result["allreduces"] == [1] * STEPS
+
+
+@pytest.mark.parametrize("name", ["exact-clip", "fast-micro", "exact-micro", "exact-scaler", "fast-scaler"])
+def test_ddp_composes_with_clipping_micro_batches_and_the_scaler(ddp_results, name):
+    result = ddp_results[name]
+    cfg = DDP_CONFIGS[name]
+    assert_replicas_equal(result)
+    assert result["allreduces"] == [1] * STEPS
+    # The clipping norm is the global gradient's: one process on the global batch clips the same.
+    assert_close_rel(result["params"], single_process(cfg["mode"], **cfg.get("options", {})))
+
+
+@pytest.mark.parametrize("name", list(FSDP2_CONFIGS))
+def test_fsdp2_equals_one_process_on_the_global_batch(fsdp2_results, name):
+    cfg = FSDP2_CONFIGS[name]
+    assert_close_rel(fsdp2_results[name]["params"], single_process(cfg["mode"], **cfg.get("options", {})))
