@@ -20,9 +20,10 @@ from torch import nn
 TIMEOUT_S = 120.0
 
 
-def run_workers(fn: Callable[..., None], world: int, tmp_path: Any, *args: Any, timeout: float = TIMEOUT_S) -> None:
+def run_workers(fn: Callable[..., None], world: int, tmp_path: Any, *args: Any, timeout: float = TIMEOUT_S,
+                backend: str = "gloo") -> None:
     init_file = str(tmp_path / "init")
-    ctx = mp.start_processes(_entry, args=(fn, world, init_file, args), nprocs=world, join=False,
+    ctx = mp.start_processes(_entry, args=(fn, world, init_file, backend, args), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
@@ -33,10 +34,14 @@ def run_workers(fn: Callable[..., None], world: int, tmp_path: Any, *args: Any, 
             raise TimeoutError(f"distributed workers did not finish within {timeout:.0f} s (a hang)")
 
 
-def _entry(rank: int, fn: Callable[..., None], world: int, init_file: str, args: tuple[Any, ...]) -> None:
+def _entry(rank: int, fn: Callable[..., None], world: int, init_file: str, backend: str,
+           args: tuple[Any, ...]) -> None:
     torch.set_num_threads(1)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    else:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=__import__("datetime").timedelta(seconds=60))
     try:
         fn(rank, world, *args)
@@ -163,3 +168,24 @@ def fsdp2_configs(rank: int, world: int, configs: list[dict[str, Any]], out: str
         results.append({"params": [p.full_tensor().detach().clone() for p in model.parameters()]})
     if rank == 0:
         torch.save(results, out)
+
+
+
+def syncbn_in_sync(rank: int, world: int, out: str) -> None:
+    """A SyncBatchNorm model under DDP (CUDA, NCCL) in fast mode: parameters and running statistics agree."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from imbsam_fast import ImbSAM
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(mlp(0, batchnorm=True)).to(device)
+    ddp = DDP(model, device_ids=[device.index])
+    opt = ImbSAM(ddp.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, tail_mask=TAIL, mode="fast", model=ddp)
+    for x, y in global_batches(STEPS, PER_RANK, world):
+        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        xs, ys = x[rows].to(device), y[rows].to(device)
+        opt.step(per_sample_loss(ddp, xs, ys), ys)
+    state = _flat([*model.parameters(), *model.buffers()])
+    replicas = [t.cpu() for t in _gathered(state, world)]
+    if rank == 0:
+        torch.save(replicas, out)

@@ -22,6 +22,7 @@ from distributed_workers import (
     mlp,
     per_sample_loss,
     run_workers,
+    syncbn_in_sync,
 )
 
 from imbsam_fast import ImbSAM
@@ -168,3 +169,29 @@ def test_ddp_composes_with_clipping_micro_batches_and_the_scaler(ddp_results, na
 def test_fsdp2_equals_one_process_on_the_global_batch(fsdp2_results, name):
     cfg = FSDP2_CONFIGS[name]
     assert_close_rel(fsdp2_results[name]["params"], single_process(cfg["mode"], **cfg.get("options", {})))
+
+
+
+def test_fsdp1_is_rejected_at_construction():
+    # FSDP1 cannot be built without an accelerator; an instance that skipped its __init__ is enough for the check.
+    from torch import nn
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapped = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    nn.Module.__init__(wrapped)
+    wrapped.inner = mlp(0)
+    with pytest.raises(TypeError, match="fully_shard"):
+        ImbSAM(wrapped.inner.parameters(), torch.optim.SGD, lr=LR, tail_mask=TAIL, model=wrapped)
+    outer = nn.Sequential(wrapped)
+    with pytest.raises(TypeError, match="FSDP1"):
+        ImbSAM(wrapped.inner.parameters(), torch.optim.SGD, lr=LR, tail_mask=TAIL, model=outer)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
+                    reason="SyncBatchNorm synchronizes CUDA tensors only: needs 2 GPUs and NCCL")
+def test_syncbatchnorm_model_stays_in_sync(tmp_path):
+    out = tmp_path / "replicas.pt"
+    run_workers(syncbn_in_sync, 2, tmp_path, str(out), backend="nccl")
+    first, second = torch.load(out)
+    assert torch.isfinite(first).all()
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
