@@ -391,3 +391,30 @@ def test_inf_only_in_the_ascent_gradient_skips_the_step():
     scaler.update()
     assert len(calls) == 3 and opt.last_step_skipped
     assert torch.equal(flat(model), before) and scaler.get_scale() == 2.0 ** 9
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_bf16_autocast_tracks_fp32(mode):
+    """bf16 autocast in the closure: fp32 weights, a trajectory within bf16 rounding of fp32's."""
+    data = [(x.reshape(16, 1, 4, 4).expand(16, 3, 4, 4).contiguous(), y) for x, y in batches()]
+
+    def run(autocast):
+        torch.manual_seed(0)
+        model = small_cnn(10)
+        opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, tail_mask=TAIL, mode=mode,
+                     model=model)
+        for x, y in data:
+            def closure(index=None):
+                xs, ys = (x, y) if index is None else (x[index], y[index])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    logits = model(xs)
+                assert logits.dtype == (torch.bfloat16 if autocast else torch.float32)
+                return F.cross_entropy(logits.float(), ys, reduction="none")
+
+            opt.step(closure, y)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        return flat(model)
+
+    got, want = run(True), run(False)
+    assert torch.isfinite(got).all()
+    assert_close(got, want, 5e-2)
