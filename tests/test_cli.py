@@ -220,7 +220,7 @@ def test_train_on_a_list_file_dataset(capsys, tmp_path):
     rc, out, err = _run(capsys, "train", "--dataset", "list", "--data-dir", str(root), "--train-list",
                         str(tmp_path / "train.txt"), "--test-list", str(tmp_path / "test.txt"), "--image-size", "8",
                         "--quiet", "--seeds", "1", "--epochs", "1", "--optimizers", "imbsam", "--eta", "3",
-                        "--many", "6", "--few", "3", "--out", str(tmp_path))
+                        "--many", "6", "--few", "3", "--out", str(tmp_path), "--batch-size", "4", "--workers", "0")
     assert rc == 0, err
 
 
@@ -246,3 +246,131 @@ def test_long_tail_losses_follow_their_formulas():
     assert ratio[2] > ratio[1] > ratio[0]  # rarer classes weigh more after DRW
     with pytest.raises(ValueError, match="unknown loss"):
         make_loss("hinge", counts)
+
+
+# ------------------------------------------------------------- training at scale
+
+
+def _list_set(tmp_path, per_class=(60, 30, 10), size=20):
+    root = tmp_path / "images"
+    lines = _write_images(root, list(per_class), len(per_class), size=size)
+    (tmp_path / "train.txt").write_text("\n".join(lines))
+    (tmp_path / "test.txt").write_text("\n".join(lines[::4]))
+    return ["--dataset", "list", "--data-dir", str(root), "--train-list", str(tmp_path / "train.txt"),
+            "--test-list", str(tmp_path / "test.txt"), "--image-size", "16", "--eta", "20", "--many", "50",
+            "--few", "20"]
+
+
+def test_list_images_stream_with_crops_and_flips(tmp_path):
+    from imbsam_fast.apps.data.streaming import ListImages
+
+    _list_set(tmp_path, per_class=(4, 2, 1))
+    train = ListImages(tmp_path / "images", tmp_path / "train.txt", 16, train=True)
+    test = ListImages(tmp_path / "images", tmp_path / "test.txt", 16, train=False)
+    assert len(train) == 7 and train.labels.tolist() == [0, 0, 0, 0, 1, 1, 2]
+    x, y = train[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y == 0
+    torch.manual_seed(0)
+    crops = {tuple(train[0][0].flatten()[:8].tolist()) for _ in range(6)}
+    assert len(crops) > 1, "training items should differ from draw to draw"
+    assert torch.equal(test[0][0], test[0][0])
+    loader = torch.utils.data.DataLoader(train, batch_size=3, num_workers=2)
+    assert sum(len(b[1]) for b in loader) == 7
+
+
+def test_resume_continues_where_the_checkpoint_left_off(capsys, tmp_path, monkeypatch):
+    from imbsam_fast.apps import fit as fit_module
+
+    data = _list_set(tmp_path, per_class=(12, 6, 2))
+    common = [*data, "--quiet", "--seeds", "1", "--optimizers", "imbsam", "--batch-size", "4", "--workers", "0",
+              "--model", "resnet32", "--epochs", "2"]
+    straight, split_run = tmp_path / "straight", tmp_path / "split"
+    assert _run(capsys, "train", *common, "--out", str(straight))[0] == 0
+    save = fit_module._save
+
+    def save_then_stop(*args):
+        save(*args)
+        raise KeyboardInterrupt  # the job is killed right after its first checkpoint
+
+    monkeypatch.setattr(fit_module, "_save", save_then_stop)
+    assert _run(capsys, "train", *common, "--out", str(split_run))[0] == 130
+    monkeypatch.setattr(fit_module, "_save", save)
+    assert torch.load(split_run / "checkpoint_list_imbsam_seed0.pt", weights_only=False)["epoch"] == 0
+    rc, _, err = _run(capsys, "train", *common, "--resume", "--out", str(split_run))
+    assert rc == 0, err
+    name = "checkpoint_list_imbsam_seed0.pt"
+    a, b = (torch.load(d / name, weights_only=False) for d in (straight, split_run))
+    assert a["epoch"] == b["epoch"] == 1 and a["steps"] == b["steps"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_scale_options_reach_the_optimizer(capsys, tmp_path, monkeypatch):
+    from imbsam_fast import ImbSAM
+
+    seen = []
+    real_step = ImbSAM.step
+
+    def spy(self, closure=None, targets=None, **kw):
+        seen.append((self.max_grad_norm, kw.get("micro_batches"), kw.get("scaler") is not None))
+        return real_step(self, closure, targets, **kw)
+
+    monkeypatch.setattr(ImbSAM, "step", spy)
+    rc, out, err = _run(capsys, "train", "--quiet", "--seeds", "1", "--epochs", "1", "--optimizers", "imbsam-fast",
+                        "--micro-batches", "2", "--max-grad-norm", "5", "--fp16", "--workers", "0", "--out",
+                        str(tmp_path))
+    assert rc == 0, err
+    assert seen and set(seen) == {(5.0, 2, True)}
+
+
+def test_public_recipe_sets_the_public_code_setup(capsys, tmp_path, monkeypatch):
+    from imbsam_fast.apps import fit as fit_module
+    from imbsam_fast.apps.models import ResNet34
+
+    _write_cifar(tmp_path, "cifar100", 5, 1, np.random.default_rng(2))
+    calls = []
+
+    def record(name, model_fn, train_set, test_set, counts, cfg, **kw):
+        calls.append((name, model_fn(), cfg))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(fit_module, "fit", record)
+    with pytest.raises(SystemExit):
+        main(["train", "--recipe", "public", "--data-dir", str(tmp_path), "--quiet", "--optimizers", "imbsam"])
+    name, model, cfg = calls[0]
+    assert isinstance(model, ResNet34)
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, cfg.schedule, cfg.rho, cfg.eta,
+            cfg.tail_weight, cfg.epochs) == (0.01, 0.9, 1e-3, 64, "epoch", 0.05, 20.0, 2.0, 200)
+    rc, _, err = _run(capsys, "train", "--recipe", "public", "--dataset", "digits")
+    assert rc == 2 and "CIFAR-100-LT" in err
+
+
+def test_resnet34_has_torchvisions_layout():
+    from imbsam_fast.apps.models import resnet34
+
+    model = resnet34(100)
+    assert sum(p.numel() for p in model.parameters()) == 21_335_972
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    try:
+        import torchvision
+    except Exception:  # torchvision does not import beside the CPU torch build
+        return
+    theirs = torchvision.models.resnet34(num_classes=100).state_dict()
+    ours = model.state_dict()
+    assert list(ours) == list(theirs) and all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+def test_torchrun_two_processes_train_a_list_set(tmp_path):
+    data = _list_set(tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "imbsam_fast", "train", *data, "--seeds", "1", "--epochs", "1", "--optimizers", "imbsam-fast",
+           "--batch-size", "8", "--workers", "1", "--model", "resnet32", "--quiet", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("optimizer") == 1, "only rank 0 prints the table"
+    assert "per process x 2" in proc.stdout
+    result = json.loads((tmp_path / "out" / "train_list.json").read_text())
+    assert result["processes"] == 2
+    # 100 images, 2 processes, batch 8: 6 full batches per process.
+    assert result["results"]["imbsam-fast"][0]["steps"] == 6

@@ -404,7 +404,7 @@ def test_bf16_autocast_tracks_fp32(mode):
         opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=0.9, tail_mask=TAIL, mode=mode,
                      model=model)
         for x, y in data:
-            def closure(index=None):
+            def closure(index=None, x=x, y=y):
                 xs, ys = (x, y) if index is None else (x[index], y[index])
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                     logits = model(xs)

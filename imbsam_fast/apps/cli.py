@@ -9,6 +9,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -33,9 +34,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs", help="folder for the JSON result and the plot")
 
 
+PUBLIC_RECIPE = dict(dataset="cifar100", model="resnet34", lr=0.01, batch_size=64, schedule="epoch", rho=0.05,
+                     eta=20.0, tail_weight=2.0, imbalance=100.0, epochs=200)
+"""The public ImbSAM code's CIFAR-100-LT setup (momentum 0.9 and weight decay 1e-3 are the defaults anyway)."""
+
+_PARSER_DEFAULTS = dict(batch_size=64, rho=0.05, eta=20.0, tail_weight=2.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .anomaly import ANOMALY_OPTIMIZERS
     from .lt_losses import LOSSES
+    from .models import BACKBONES
     from .training import OPTIMIZERS
 
     ap = argparse.ArgumentParser(prog="imbsam-fast", description="ImbSAM for long-tailed training: train, detect "
@@ -46,7 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one model per optimizer and seed on a long-tailed dataset; print Many / "
                        "Medium / Few / All accuracy (mean ± std) and the step time relative to SGD; write a JSON "
                        "result and a per-class accuracy plot.")
-    t.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default: digits)")
+    t.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} (default: digits; cifar100 with "
+                   "--recipe public)")
+    t.add_argument("--recipe", default=None, choices=["public"],
+                   help="public: the public ImbSAM code's CIFAR-100-LT setup (ResNet-34 at 32x32, lr 0.01, momentum "
+                   "0.9, wd 1e-3, batch 64, cosine per epoch, rho 0.05, eta 20, tail weight 2, 200 epochs); other "
+                   "flags override it")
+    t.add_argument("--model", default=None, help=f"one of {', '.join(BACKBONES)} (default: a small CNN for digits, "
+                   "resnet32 otherwise; resnet34 with --recipe public)")
     t.add_argument("--data-dir", help="folder with the CIFAR python pickles, or the image root for --dataset list")
     t.add_argument("--train-list", help="list file ('path label' per line) for --dataset list")
     t.add_argument("--test-list", help="list file for --dataset list")
@@ -64,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rho", type=float, default=0.05)
     t.add_argument("--eta", type=float, default=20, help="a class is tail when it has fewer training samples")
     t.add_argument("--tail-weight", type=float, default=2.0)
+    t.add_argument("--schedule", default=None, choices=["batch", "epoch"],
+                   help="cosine learning rate stepped per batch (default) or per epoch")
+    t.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    t.add_argument("--micro-batches", type=int, default=1, help="run every pass in this many chunks (ImbSAM)")
+    t.add_argument("--fp16", action="store_true", help="fp16 autocast with a GradScaler")
+    t.add_argument("--max-grad-norm", type=float, default=None, help="clip the update's gradient to this L2 norm")
+    t.add_argument("--resume", action="store_true",
+                   help="continue each run from its checkpoint in --out (written after every epoch)")
     t.add_argument("--many", type=float, default=100, help="Many: more than this many training samples")
     t.add_argument("--few", type=float, default=20, help="Few: fewer than this many training samples")
     _common(t)
@@ -142,56 +166,123 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):5.1f} ± {sd:4.1f}"
 
 
+def _apply_recipe(args) -> None:
+    """Fill what the user left unset: the recipe's values, then the plain defaults."""
+    if args.recipe == "public":
+        for key, value in PUBLIC_RECIPE.items():
+            current = getattr(args, key)
+            if current is None or (key in _PARSER_DEFAULTS and current == _PARSER_DEFAULTS[key]):
+                setattr(args, key, value)
+    if args.dataset is None:
+        args.dataset = "digits"
+    if args.schedule is None:
+        args.schedule = "batch"
+
+
+def _at_scale(args, world: int) -> bool:
+    """Whether the run goes through the streaming loop (DataLoader, DDP, checkpoints): every dataset but the
+    in-memory digits comparison, and digits too when a scale option asks for it."""
+    return (args.dataset != "digits" or world > 1 or args.micro_batches > 1 or args.fp16 or args.resume
+            or args.max_grad_norm is not None or args.model is not None or args.schedule == "epoch")
+
+
+def _streaming_sets(args):
+    from .data.streaming import ListImages, TensorImages, class_counts
+
+    if args.dataset == "list":
+        train = ListImages(args.data_dir, args.train_list, args.image_size, train=True)
+        test = ListImages(args.data_dir, args.test_list, args.image_size, train=False)
+        num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+        return train, test, class_counts(train.labels, num_classes)
+    split = _load_split(args)
+    pad = 0 if args.dataset == "digits" else 4
+    return (TensorImages(split.x_train, split.y_train, True, pad), TensorImages(split.x_test, split.y_test, False, 0),
+            split.class_counts)
+
+
 def cmd_train(args) -> int:
     import torch
 
     from ..priors import tail_class_mask
-    from .models import digits_cnn, resnet32
+    from .fit import FitConfig, Processes, fit
+    from .models import digits_cnn, make_backbone
     from .training import OPTIMIZERS, TrainConfig, random_crop_flip, train_on_split
 
     optimizers = _names(args.optimizers, OPTIMIZERS, "optimizer")
     device = _device(args.device)
-    split = _load_split(args)
-    counts = split.class_counts
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    scale = _at_scale(args, world)
+    procs = Processes.start(device) if scale else None
+    main_rank = procs is None or procs.main
+    if scale:
+        train_set, test_set, counts = _streaming_sets(args)
+        n_train, n_test = len(train_set), len(test_set)
+    else:
+        split = _load_split(args)
+        counts = split.class_counts
+        n_train, n_test = len(split.y_train), len(split.y_test)
     tail = tail_class_mask(counts, args.eta)
-    if not tail.any():
+    if not tail.any() and main_rank:
         print(f"imbsam-fast: warning: eta={args.eta:g} leaves no tail class (smallest class has {min(counts)} "
               "samples): ImbSAM reduces to plain training", file=sys.stderr)
     small = args.dataset == "digits"
-    cfg = TrainConfig(
-        epochs=args.epochs or (40 if small else 200 if args.dataset.startswith("cifar") else 90),
-        batch_size=args.batch_size, lr=args.lr or (0.05 if small else 0.1), rho=args.rho, eta=args.eta,
-        tail_weight=args.tail_weight, loss=args.loss, drw_epoch=args.drw_epoch, many=args.many, few=args.few,
-        device=device, bf16=args.bf16 and device.startswith("cuda"), progress=not args.quiet,
-        augment=None if small else random_crop_flip,
-        normalize=CIFAR_MEAN_STD if args.dataset.startswith("cifar") else None,
-    )
+    epochs = args.epochs or (40 if small else 200 if args.dataset.startswith("cifar") else 90)
+    lr = args.lr or (0.05 if small else 0.1)
+    normalize = CIFAR_MEAN_STD if args.dataset.startswith("cifar") else None
     num_classes = len(counts)
-    model_fn = (lambda: digits_cnn(num_classes)) if small else (lambda: resnet32(num_classes))
-    if not args.quiet:
-        print(f"{args.dataset}: {len(split.y_train)} training samples in {num_classes} classes "
-              f"(counts {max(counts)} .. {min(counts)}), {len(split.y_test)} test; {int(tail.sum())} tail classes "
-              f"(eta {args.eta:g}); {device}", file=sys.stderr)
-    results = {name: [train_on_split(name, model_fn, split, cfg, seed=args.seed + s) for s in range(args.seeds)]
-               for name in optimizers}
+    model_name = args.model or ("digits-cnn" if small else "resnet32")
+    model_fn = ((lambda: digits_cnn(num_classes)) if model_name == "digits-cnn"
+                else (lambda: make_backbone(model_name, num_classes)))
+    if not args.quiet and main_rank:
+        where = f"{device}" + (f", {world} processes" if world > 1 else "")
+        print(f"{args.dataset}: {n_train} training samples in {num_classes} classes (counts {max(counts)} .. "
+              f"{min(counts)}), {n_test} test; {int(tail.sum())} tail classes (eta {args.eta:g}); {model_name}; "
+              f"{where}", file=sys.stderr)
+    out = Path(args.out)
+    if scale:
+        cfg = FitConfig(
+            epochs=epochs, batch_size=args.batch_size, lr=lr, rho=args.rho, eta=args.eta,
+            tail_weight=args.tail_weight, loss=args.loss, drw_epoch=args.drw_epoch, schedule=args.schedule,
+            workers=args.workers, micro_batches=args.micro_batches, fp16=args.fp16,
+            bf16=args.bf16 and device.startswith("cuda"), max_grad_norm=args.max_grad_norm, many=args.many,
+            few=args.few, device=device, normalize=normalize, progress=not args.quiet,
+        )
+        if main_rank:
+            out.mkdir(parents=True, exist_ok=True)
+        results = {name: [fit(name, model_fn, train_set, test_set, counts, cfg, seed=args.seed + s,
+                              checkpoint=out / f"checkpoint_{args.dataset}_{name}_seed{args.seed + s}.pt",
+                              resume=args.resume, procs=procs) for s in range(args.seeds)]
+                   for name in optimizers}
+        if not main_rank:
+            return 0
+    else:
+        cfg = TrainConfig(
+            epochs=epochs, batch_size=args.batch_size, lr=lr, rho=args.rho, eta=args.eta,
+            tail_weight=args.tail_weight, loss=args.loss, drw_epoch=args.drw_epoch, many=args.many, few=args.few,
+            device=device, bf16=args.bf16 and device.startswith("cuda"), progress=not args.quiet,
+            augment=None if small else random_crop_flip, normalize=normalize,
+        )
+        results = {name: [train_on_split(name, model_fn, split, cfg, seed=args.seed + s) for s in range(args.seeds)]
+                   for name in optimizers}
     base = "sgd" if "sgd" in results else optimizers[0]
     base_time = statistics.median(r.step_time for r in results[base])
-    header = f"{'optimizer':<12}{'Many':>14}{'Medium':>14}{'Few':>14}{'All':>14}{'step/' + base:>12}"
+    header = f"{'optimizer':<12}{'Many':>14}{'Medium':>14}{'Few':>14}{'All':>14}  {'step/' + base:>16}"
     lines = [header]
     for name, runs in results.items():
         cells = [_mean_std([r.splits[k] for r in runs]) for k in ("many", "medium", "few", "all")]
         ratio = statistics.median(r.step_time for r in runs) / base_time
-        lines.append(f"{name:<12}" + "".join(f"{c:>14}" for c in cells) + f"{ratio:>11.2f}x")
-    lines.append(f"{args.seeds} seeds, {cfg.epochs} epochs, batch {cfg.batch_size}, loss {cfg.loss}; test accuracy (%) "
-                 f"mean ± std; splits: Many > {args.many:g}, Medium {args.few:g}..{args.many:g}, Few < {args.few:g}")
+        lines.append(f"{name:<12}" + "".join(f"{c:>14}" for c in cells) + f"  {ratio:>15.2f}x")
+    per_process = f" per process x {world}" if world > 1 else ""
+    lines.append(f"{args.seeds} seeds, {epochs} epochs, batch {args.batch_size}{per_process}, loss {args.loss}; test "
+                 f"accuracy (%) mean ± std; splits: Many > {args.many:g}, Medium {args.few:g}..{args.many:g}, "
+                 f"Few < {args.few:g}")
     print("\n".join(lines))
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"train_{args.dataset}"
     payload = dict(
         command="train", dataset=args.dataset, class_counts=counts, tail_classes=tail.nonzero().flatten().tolist(),
-        config={k: v for k, v in vars(cfg).items() if k not in ("augment",)}, device=device,
-        date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
+        config={k: v for k, v in vars(cfg).items() if k not in ("augment",)}, device=device, processes=world,
+        model=model_name, date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
         results={name: [vars(r) for r in runs] for name, runs in results.items()},
     )
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
@@ -325,10 +416,14 @@ def check_args(args) -> None:
     """Every argument of the command, checked before anything runs (one ``UsageError`` for the first bad one)."""
     if args.command == "train":
         from .lt_losses import LOSSES
+        from .models import BACKBONES
         from .training import OPTIMIZERS
 
+        _apply_recipe(args)
         if args.dataset not in DATASETS:
             raise UsageError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if args.recipe == "public" and args.dataset != "cifar100":
+            raise UsageError(f"--recipe public is the CIFAR-100-LT setup; got --dataset {args.dataset}")
         _names(args.optimizers, OPTIMIZERS, "optimizer")
         if args.loss not in LOSSES:
             raise UsageError(f"unknown loss {args.loss!r}; choose one of {', '.join(LOSSES)}")
@@ -345,6 +440,22 @@ def check_args(args) -> None:
         _finite(args, "--few", 0.0)
         if args.few > args.many:
             raise UsageError(f"--few ({args.few:g}) must not exceed --many ({args.many:g})")
+        if args.model is not None and args.model not in BACKBONES:
+            raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(BACKBONES)}")
+        if args.model is not None and args.dataset == "digits":
+            raise UsageError(f"--model {args.model} takes RGB images; digits are 8x8 grey (use the default model)")
+        _at_least(args, "--workers", 0)
+        _at_least(args, "--micro-batches", 1)
+        _finite(args, "--max-grad-norm", 0.0, strict=True)
+        if args.fp16 and args.bf16:
+            raise UsageError("--fp16 and --bf16 exclude each other")
+        if args.dataset != "digits":
+            if not args.data_dir:
+                raise UsageError(f"--dataset {args.dataset} needs --data-dir")
+            if not Path(args.data_dir).is_dir():
+                raise UsageError(f"--data-dir {args.data_dir} does not exist")
+        if args.dataset == "list" and (not args.train_list or not args.test_list):
+            raise UsageError("--dataset list needs --train-list and --test-list")
     elif args.command == "anomaly":
         from .anomaly import ANOMALY_OPTIMIZERS
 

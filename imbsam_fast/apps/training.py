@@ -16,7 +16,8 @@ from ..priors import ClassWeights, focal_sam_weights, plain_weights, sam_weights
 from .data.digits import LongTailSplit
 from .lt_losses import make_loss
 
-__all__ = ["OPTIMIZERS", "RunResult", "TrainConfig", "train_classifier", "train_on_split", "split_accuracy", "evaluate"]
+__all__ = ["OPTIMIZERS", "RunResult", "TrainConfig", "class_weights_for", "train_classifier", "train_on_split",
+           "split_accuracy", "evaluate"]
 
 OPTIMIZERS = ("sgd", "sam", "imbsam", "imbsam-fast", "focal-sam")
 
@@ -73,14 +74,16 @@ def split_accuracy(
     return out
 
 
-def _class_weights(name: str, class_counts: list[int], cfg: TrainConfig) -> Optional[ClassWeights]:
+def class_weights_for(name: str, class_counts: list[int], focal_lam: float = 1.0, focal_gamma: float = 2.0
+                      ) -> Optional[ClassWeights]:
+    """The class-weight preset of optimizer ``name``; ``None`` for ImbSAM, which builds it from the tail mask."""
     c = len(class_counts)
     if name == "sgd":
         return plain_weights(c)
     if name == "sam":
         return sam_weights(c)
     if name == "focal-sam":
-        return focal_sam_weights(class_counts, cfg.focal_lam, cfg.focal_gamma)
+        return focal_sam_weights(class_counts, focal_lam, focal_gamma)
     if name in ("imbsam", "imbsam-fast"):
         return None  # ImbSAM builds the preset from the tail mask
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -116,7 +119,7 @@ def train_on_split(optimizer: str, model_fn: Callable[[], nn.Module], split: Lon
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **sgd_kw)
     else:
-        weights = _class_weights(optimizer, counts, cfg)
+        weights = class_weights_for(optimizer, counts, cfg.focal_lam, cfg.focal_gamma)
         spec = (dict(tail_mask=tail_class_mask(counts, cfg.eta), tail_weight=cfg.tail_weight) if weights is None
                 else dict(class_weights=weights))
         fast = dict(mode="fast", fast_bn=cfg.fast_bn) if optimizer == "imbsam-fast" else {}
