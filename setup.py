@@ -49,6 +49,7 @@ setup(
         "triton": ["triton>=3.2"],
         "cli": CLI_REQUIRES,
         "lightning": ["lightning>=2.0"],
+        "vision": ["torchvision"],
         "test": ["triton>=3.2", "pytest>=7", "pytest-benchmark>=4", "ruff>=0.5", "lightning>=2.0", *CLI_REQUIRES],
     },
     entry_points={"console_scripts": ["imbsam-fast=imbsam_fast.apps.cli:main"]},
