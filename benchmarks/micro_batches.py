@@ -3,15 +3,20 @@
     python benchmarks/micro_batches.py [--batch 128] [--ks 1 4] [--steps 10] [--device cpu|cuda]
 
 Memory: on CUDA the peak allocated memory of a step (``torch.cuda.max_memory_allocated``);
-on every device the bytes that the largest single forward saves for its backward (the
-activation memory, counted with ``saved_tensors_hooks``). Time: the total over ``--steps``
-steps after one warm-up step, in the same run for every ``k``.
+on the CPU the peak resident memory of a fresh process running only that ``(mode, k)``
+(``ru_maxrss``); on every device the bytes that the largest single forward saves for its
+backward (the activation memory, counted with ``saved_tensors_hooks``). Time: the total over
+``--steps`` steps after one warm-up step, every ``k`` in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -60,8 +65,18 @@ def measure(k: int, mode: str, batch: int, steps: int, device: torch.device) -> 
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else float("nan")
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {"saved_mib": saved[0] / 2 ** 20, "peak_mib": peak, "seconds": elapsed}
+
+
+def measure_isolated(k: int, mode: str, batch: int, steps: int, device: torch.device) -> dict[str, float]:
+    """:func:`measure` in a fresh process, so that the CPU's peak resident memory is this run's alone."""
+    out = subprocess.run([sys.executable, __file__, "--child", mode, str(k), "--batch", str(batch), "--steps",
+                          str(steps), "--device", str(device)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -71,18 +86,24 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--modes", default="exact,fast")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        mode, k = args.child
+        print(json.dumps(measure(int(k), mode, args.batch, args.steps, torch.device(args.device))))
+        return 0
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"# micro-batches: ResNet-32, batch {args.batch}, eta 20; {device.type} ({name}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| mode | k | activations saved by one forward (MiB) | peak allocated (MiB, CUDA) | "
+    peak = "peak allocated (MiB)" if device.type == "cuda" else "peak resident memory of the process (MiB)"
+    print(f"| mode | k | activations saved by one forward (MiB) | {peak} | "
           f"total of {args.steps} steps (s) | time vs k=1 |")
     print("|---|---|---|---|---|---|")
     for mode in args.modes.split(","):
         base = None
         for k in args.ks:
-            r = measure(k, mode, args.batch, args.steps, device)
+            r = measure_isolated(k, mode, args.batch, args.steps, device)
             base = r["seconds"] if base is None else base
             print(f"| {mode} | {k} | {r['saved_mib']:.1f} | {r['peak_mib']:.1f} | {r['seconds']:.2f} | "
                   f"{r['seconds'] / base:.2f}x |", flush=True)
