@@ -1,12 +1,17 @@
 """Build for imbsam_fast.
 
 ``kernels/`` is installed as ``imbsam_fast.kernels`` (never as a top-level
-``kernels`` package). The C++/CUDA extension in ``csrc/`` is optional and built
-only when ``IMBSAM_FAST_BUILD_EXT=1`` and its sources exist; the pure-torch
-and Triton backends need no compiler.
+``kernels`` package). The C++ extension in ``csrc/`` (``imbsam_fast._C``, the
+``backend="ext"`` ops) is built with ninja when torch is importable at build
+time and a C++ compiler is present; otherwise one line says why and the
+install goes on without it (the torch and Triton backends need no compiler).
+``IMBSAM_FAST_BUILD_EXT=0`` skips it. CUDA sources (``csrc/*.cu``) join the
+build when torch has CUDA and nvcc is found.
 """
 
 import os
+import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -16,17 +21,33 @@ HERE = Path(__file__).parent
 CLI_REQUIRES = ["numpy", "scikit-learn>=1.2", "tqdm", "matplotlib", "pillow"]
 
 
-def _extensions():
-    if os.environ.get("IMBSAM_FAST_BUILD_EXT") != "1":
-        return [], {}
-    sources = sorted(str(p) for p in (HERE / "csrc").glob("*.cpp"))
-    if not sources:
-        raise RuntimeError("IMBSAM_FAST_BUILD_EXT=1 but csrc/ has no C++ sources to build")
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+def _skip(why: str):
+    print(f"imbsam_fast: building without the C++ extension ({why}); backend='ext' will be unavailable",
+          file=sys.stderr)
+    return [], {}
 
-    cuda = sorted(str(p) for p in (HERE / "csrc").glob("*.cu"))
-    ext_cls = CUDAExtension if cuda else CppExtension
-    ext = ext_cls("imbsam_fast._C", sources + cuda, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+
+def _extensions():
+    if os.environ.get("IMBSAM_FAST_BUILD_EXT", "1") == "0":
+        return [], {}
+    sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cpp"))
+    if not sources:
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except Exception as err:  # noqa: BLE001 - any failure to import torch means: no extension
+        return _skip(f"torch does not import at build time: {type(err).__name__}; install torch first and use "
+                     "pip install --no-build-isolation")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return _skip("no C++ compiler found")
+    native = [] if os.environ.get("IMBSAM_FAST_NATIVE") == "0" else ["-march=native"]
+    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", *native]
+    cuda = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cu"))
+    if cuda and torch.version.cuda and CUDA_HOME:
+        ext = CUDAExtension("imbsam_fast._C", sources + cuda, extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
+    else:
+        ext = CppExtension("imbsam_fast._C", sources, extra_compile_args={"cxx": cxx})
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -31,6 +31,7 @@ from .backends import Bucket, resolve_param_backend
 from .batchnorm import BatchNormSnapshot, BatchNormStats
 from .closures import split_wrapped_closure
 from .distributed import local_tensor, make_grad_sync
+from .fused_sgd import FusedSGDPlan, apply_fused_sgd, plan_fused_sgd
 from .hooks import HookHandle, StepHooks
 from .labels import check_targets
 from .options import check_adaptive, check_max_grad_norm, check_micro_batches, check_rho, class_weights_from
@@ -266,12 +267,35 @@ class ImbSAM(Optimizer):
 
     @torch.no_grad()
     def third_step(self, zero_grad: bool = True) -> None:
-        """After the perturbed tail backward: restore ``w`` bit-exactly, base step on ``g_h + g_t'``."""
+        """After the perturbed tail backward: restore ``w`` bit-exactly, base step on ``g_h + g_t'``.
+
+        With a plain ``torch.optim.SGD`` base and the C++ extension's backend, the restore and
+        SGD's update run as one pass (:mod:`imbsam_fast.fused_sgd`), with the same result.
+        """
         self._require(_PERTURBED, "third_step")
-        self._ops.restore_(self._perturbed)
-        self._perturbed = []
+        perturbed, self._perturbed = self._perturbed, []
         self._phase = _IDLE
-        self._base_step(zero_grad)
+        plan = plan_fused_sgd(self, perturbed, self._buckets.backup_of)
+        if plan is None:
+            self._ops.restore_(perturbed)
+            self._base_step(zero_grad)
+        else:
+            self._fused_base_step(perturbed, plan, zero_grad)
+
+    def _fused_base_step(self, perturbed: list[Any], plan: FusedSGDPlan, zero_grad: bool) -> None:
+        """The non-finite policy on the gradients, then restore + SGD in one pass (no hooks: the plan needs none)."""
+        self._opt_called = True
+        self.steps += 1
+        tail_norm, self._tail_norm = self._tail_norm, None
+        if self.nonfinite != "none" and not _finite(self._update_norm(), tail_norm):
+            self._ops.restore_(perturbed)
+            self._skip()
+            self._report_nonfinite()
+            return
+        self.last_step_skipped = False
+        apply_fused_sgd(self, plan)
+        if zero_grad:
+            _clear_grads(self.param_groups)
 
     @property
     def _sq_reduce(self) -> Optional[Callable[[Tensor], Tensor]]:

@@ -38,10 +38,14 @@ def test_triton_trajectory_matches_torch_backend_over_20_steps():
     assert moved > 1e-2
 
 
-def test_auto_picks_torch_for_cpu_tensors_and_reports_it():
+def test_auto_picks_the_extension_or_torch_for_cpu_tensors_and_reports_it():
+    from imbsam_fast.backends.extension import ext_available
+
+    expected = "ext" if ext_available() else "torch"
     opt = ImbSAM(small_cnn().parameters(), torch.optim.SGD, lr=0.1)
-    assert opt.backend == "torch"
-    assert resolve_param_backend("auto", {"cpu"}).name == "torch"
+    assert opt.backend == expected
+    assert resolve_param_backend("auto", {"cpu"}).name == expected
+    assert resolve_param_backend("torch", {"cpu"}).name == "torch"
     assert resolve_loss_backend("auto", torch.randn(2, 3)) is None
 
 
@@ -61,8 +65,8 @@ def test_triton_on_cpu_without_interpreter_says_so(monkeypatch):
 
 
 def test_only_existing_backends_are_offered():
-    for name in ("ext", "cuda", None):
-        with pytest.raises(ValueError, match="choose one of auto, torch, triton$"):
+    for name in ("cpp", "cuda", None):
+        with pytest.raises(ValueError, match="choose one of auto, torch, triton, ext$"):
             ImbSAM(small_cnn().parameters(), torch.optim.SGD, lr=0.1, backend=name)
 
 

@@ -1,14 +1,15 @@
-"""Which parameter-op backend runs: ``"auto" | "torch" | "triton"``."""
+"""Which parameter-op backend runs: ``"auto" | "torch" | "triton" | "ext"``."""
 
 from __future__ import annotations
 
 from .contract import ParamOps
+from .extension import ext_available
 from .kernels import interpreting, triton_available
 from .torch_ops import TorchParamOps
 
 __all__ = ["BACKENDS", "check_backend_name", "resolve_param_backend", "check_triton_devices"]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "ext")
 
 
 def check_backend_name(name: object) -> str:
@@ -21,8 +22,10 @@ def check_backend_name(name: object) -> str:
 def resolve_param_backend(name: str, device_types: set[str]) -> ParamOps:
     """Parameter-op backend for parameters living on ``device_types``.
 
-    ``auto``: Triton when every parameter is on CUDA and Triton imports, else torch.
-    ``triton`` on CPU tensors works only under Triton's interpreter (``TRITON_INTERPRET=1``).
+    ``auto``: Triton when every parameter is on CUDA and Triton imports; the C++ extension when every
+    parameter is on the CPU and the extension is built; else torch. ``triton`` on CPU tensors works only
+    under Triton's interpreter (``TRITON_INTERPRET=1``). ``ext`` without the extension is a
+    ``RuntimeError`` that says how to build it.
     """
     check_backend_name(name)
     if name == "auto":
@@ -30,9 +33,17 @@ def resolve_param_backend(name: str, device_types: set[str]) -> ParamOps:
             from .triton_ops import TritonParamOps
 
             return TritonParamOps()
+        if device_types <= {"cpu"} and ext_available():
+            from .ext_ops import ExtParamOps
+
+            return ExtParamOps()
         return TorchParamOps()
     if name == "torch":
         return TorchParamOps()
+    if name == "ext":
+        from .ext_ops import ExtParamOps
+
+        return ExtParamOps()
     check_triton_devices(device_types)
     from .triton_ops import TritonParamOps
 

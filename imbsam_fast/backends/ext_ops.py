@@ -1,0 +1,105 @@
+"""Parameter ops through the C++ extension (``torch.ops.imbsam_fast.*``, see ``csrc/param_ops.cpp``).
+
+One op call per bucket and phase, each a single parallel pass over all of
+the bucket's tensors: no per-tensor dispatch. CPU tensors of fp32, fp64, fp16
+and bf16, contiguous, are covered; anything else (CUDA tensors, until the CUDA
+kernels exist; non-contiguous tensors) and ASAM's adaptive buckets go through
+the torch ops and are named in ``fallbacks``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .buckets import EPS, Bucket, SqNormReduce, sum_sq_norms
+from .extension import BUILD_HINT, ext_error, load_extension
+from .torch_ops import TorchParamOps
+
+__all__ = ["ExtParamOps"]
+
+_COVERED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_is_contiguous = torch.Tensor.is_contiguous
+
+
+class ExtParamOps:
+    """Norm / perturb / restore (and a fused restore + SGD step) through the extension's ops."""
+
+    name = "ext"
+
+    def __init__(self) -> None:
+        if not load_extension():
+            raise RuntimeError(f"backend='ext': the C++ extension is not available ({ext_error()}); {BUILD_HINT}")
+        self._ops = torch.ops.imbsam_fast
+        self._torch = TorchParamOps()
+        self.fallbacks: set[str] = set()
+
+    def _why_not(self, lists: tuple[list[Tensor], ...]) -> Optional[str]:
+        first = lists[0][0]
+        if first.device.type != "cpu":
+            return f"{first.device.type} tensors"
+        if first.dtype not in _COVERED:
+            return str(first.dtype)
+        for ts in lists:
+            if ts[0].device != first.device or ts[0].dtype != first.dtype:
+                return "mixed devices or dtypes"
+            if not all(map(_is_contiguous, ts)):
+                return "non-contiguous tensors"
+        return None
+
+    def covers(self, *lists: list[Tensor]) -> bool:
+        """Whether the ops handle these parallel lists; records the reason in ``fallbacks`` when not."""
+        why = self._why_not(lists)
+        if why is not None:
+            self.fallbacks.add(why)
+        return why is None
+
+    def sq_norm(self, grads: list[Tensor]) -> Tensor:
+        """``sum_j ||g_j||_2^2`` (fp32, fp64 for fp64 tensors)."""
+        if grads and self.covers(grads):
+            return self._ops.sq_norm(grads)
+        return self._torch.sq_norm(grads)
+
+    def _total(self, grad_lists: list[list[Tensor]], reduce: SqNormReduce) -> Tensor:
+        parts = [self.sq_norm(gs) for gs in grad_lists if gs]
+        if len({p.dtype for p in parts}) > 1:
+            parts = [p.double() for p in parts]
+        total = sum_sq_norms(parts)
+        return total if reduce is None else reduce(total)
+
+    def grad_norm(self, grad_lists: list[list[Tensor]], reduce: SqNormReduce = None) -> Tensor:
+        """Global ``||g||_2 = sqrt(reduce(sum_j ||g_j||^2))``."""
+        return self._total(grad_lists, reduce).sqrt()
+
+    def perturb_(self, buckets: list[Bucket], reduce: SqNormReduce = None) -> Tensor:
+        """One global norm, then per bucket ``backup <- w``, ``w <- w + rho / (norm + 1e-16) * g``."""
+        if any(b.adaptive for b in buckets):
+            self.fallbacks.add("adaptive (ASAM)")
+            return self._torch.perturb_(buckets, reduce)
+        total = self._total([b.grads for b in buckets], reduce)
+        for b in buckets:
+            if self.covers(b.params, b.grads, b.backups):
+                self._ops.perturb_(b.params, b.grads, b.backups, total, b.rho, EPS)
+            else:
+                from .torch_ops import perturb_bucket_
+
+                perturb_bucket_(b, (b.rho / (total.sqrt() + EPS)).to(b.device))
+        return total.sqrt()
+
+    def restore_(self, buckets: list[Bucket]) -> None:
+        """Bit-exact restore: ``w <- backup``."""
+        for b in buckets:
+            if self.covers(b.params, b.backups):
+                self._ops.restore_(b.params, b.backups)
+            else:
+                torch._foreach_copy_(b.params, b.backups)
+
+    def restore_sgd_(self, params: list[Tensor], backups: list[Tensor], grads: list[Tensor],
+                     buffers: list[Tensor], lr: float, momentum: float, dampening: float, weight_decay: float,
+                     nesterov: bool, maximize: bool) -> None:
+        """``w <- backup``, then ``torch.optim.SGD``'s update with these options, in one pass (the caller
+        checks that the lists are covered and the momentum buffers exist)."""
+        self._ops.restore_sgd_(params, backups, grads, buffers, lr, momentum, dampening, weight_decay, nesterov,
+                               maximize)

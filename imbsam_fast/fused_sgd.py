@@ -1,0 +1,84 @@
+"""The last phase of a step in one pass when the base optimizer is a plain ``torch.optim.SGD``:
+``w <- backup`` and SGD's update of ``w`` fused, per param group, by a backend that offers
+``restore_sgd_(params, backups, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
+nesterov, maximize)`` (the C++ extension).
+
+The fused pass writes each weight once (from its backup) instead of restoring it and then reading and
+writing it again in SGD's step. It runs only where it changes nothing but the time: a plain SGD (not a
+subclass) with a float learning rate, no step hooks on it or on ImbSAM, no scaler and no clipping,
+momentum buffers that exist already (SGD's first step creates them), every perturbed parameter with a
+gradient, and tensors the backend covers. Anything else takes the unfused path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+from .backends import Bucket
+
+if TYPE_CHECKING:
+    from .optimizer import ImbSAM
+
+__all__ = ["FusedSGDPlan", "plan_fused_sgd"]
+
+FusedSGDPlan = list[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], dict[str, Any]]]
+"""Per param group with gradients: (params, backups, grads, momentum buffers, the group)."""
+
+
+def plan_fused_sgd(opt: ImbSAM, buckets: list[Bucket], backup_of: dict[int, Tensor]) -> Optional[FusedSGDPlan]:
+    """The fused restore + SGD step of ``opt``'s groups, or ``None`` where it does not apply."""
+    fused = getattr(opt._ops, "restore_sgd_", None)
+    base = opt.base_optimizer
+    if fused is None or type(base) is not torch.optim.SGD or opt.max_grad_norm is not None:
+        return None
+    if opt._scaled is not None or (opt._step_hooks if opt._active_hooks is None else opt._active_hooks):
+        return None
+    if (base._optimizer_step_pre_hooks or base._optimizer_step_post_hooks or _global_optimizer_pre_hooks
+            or _global_optimizer_post_hooks or opt._sync.kind == "fsdp2"):
+        return None
+    plan: FusedSGDPlan = []
+    covered = 0
+    state = base.state
+    for group in opt.param_groups:
+        if isinstance(group["lr"], Tensor) or group.get("differentiable"):
+            return None
+        momentum = group["momentum"] != 0
+        params, backups, grads, buffers = [], [], [], []
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            backup = backup_of.get(id(p))
+            if backup is None:
+                return None
+            if momentum:
+                buf = state[p].get("momentum_buffer") if p in state else None
+                if buf is None:
+                    return None
+                buffers.append(buf)
+            params.append(p)
+            backups.append(backup)
+            grads.append(g)
+        if params:
+            lists = (params, backups, grads, *((buffers,) if momentum else ()))
+            first = params[0]
+            if not all(p.dtype == first.dtype and p.device == first.device for p in params):
+                return None
+            if opt._ops._why_not(lists) is not None:
+                return None
+            plan.append((params, backups, grads, buffers, group))
+            covered += len(params)
+    if covered != sum(len(b.params) for b in buckets):
+        return None
+    return plan
+
+
+def apply_fused_sgd(opt: ImbSAM, plan: FusedSGDPlan) -> None:
+    """Run the planned fused passes."""
+    for params, backups, grads, buffers, g in plan:
+        opt._ops.restore_sgd_(params, backups, grads, buffers, g["lr"], g["momentum"], g["dampening"],
+                              g["weight_decay"], g["nesterov"], g["maximize"])

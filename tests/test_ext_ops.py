@@ -1,0 +1,276 @@
+"""The C++ extension's ops (csrc/) against the torch reference, and the ``ext`` backend in the optimizer.
+
+Skipped where the extension is not built, except under ``IMBSAM_FAST_REQUIRE_EXT=1`` (the Makefile's test
+target sets it), where a missing extension is a failure: CI must not skip these silently.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from models import small_cnn
+
+from imbsam_fast import ImbSAM
+from imbsam_fast.backends import Bucket, TorchParamOps
+from imbsam_fast.backends.extension import ext_available, ext_error
+
+REQUIRED = os.environ.get("IMBSAM_FAST_REQUIRE_EXT") == "1"
+
+
+def test_extension_is_built_where_required():
+    if REQUIRED:
+        assert ext_available(), ext_error()
+    elif not ext_available():
+        pytest.skip(f"the C++ extension is not built: {ext_error()}")
+
+
+pytestmark_ext = pytest.mark.skipif(not ext_available(), reason="the C++ extension is not built")
+ops = torch.ops.imbsam_fast if ext_available() else None
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SIZES = {
+    "odd": [1, 7, 33, 1000, 40_003, 70_001],
+    "empty": [0, 5, 0],
+    "many": [3 + (i * 37) % 501 for i in range(300)],
+}
+TOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+
+
+def tensors(sizes, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g).to(dtype) for n in sizes]
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units in the last place between two fp32 tensors (same sign assumed)."""
+    ai, bi = a.contiguous().view(torch.int32).long(), b.contiguous().view(torch.int32).long()
+    return int((ai - bi).abs().max()) if a.numel() else 0
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(SIZES))
+def test_sq_norm_matches_torch(dtype, case):
+    ts = tensors(SIZES[case], dtype)
+    want = sum(t.double().square().sum() for t in ts)
+    got = ops.sq_norm(ts)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got.double(), torch.as_tensor(want, dtype=torch.float64), rtol=TOL[dtype], atol=0)
+
+
+@pytestmark_ext
+def test_sq_norm_is_deterministic_across_thread_counts():
+    ts = tensors(SIZES["odd"] + SIZES["many"], torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(ops.sq_norm(ts))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(SIZES))
+def test_perturb_and_restore_match_the_torch_ops(dtype, case):
+    params, grads = tensors(SIZES[case], dtype, 1), tensors(SIZES[case], dtype, 2)
+    twin = [p.clone() for p in params]
+    original = [p.clone() for p in params]
+    backups = [torch.empty_like(p) for p in params]
+    total = ops.sq_norm(grads)
+    ops.perturb_(params, grads, backups, total, 0.3, 1e-16)
+    TorchParamOps().perturb_([Bucket(twin, [g.clone() for g in grads], [torch.empty_like(p) for p in twin], 0.3)])
+    assert all(torch.equal(b, o) for b, o in zip(backups, original)), "the backup is not a bit copy of w"
+    tol = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    for p, t in zip(params, twin):
+        torch.testing.assert_close(p, t, rtol=tol, atol=tol)
+    ops.restore_(params, backups)
+    assert all(torch.equal(p, o) for p, o in zip(params, original)), "restore is not bit-exact"
+
+
+@pytestmark_ext
+def test_nan_and_inf_propagate():
+    g = [torch.tensor([1.0, float("nan")]), torch.ones(3)]
+    assert torch.isnan(ops.sq_norm(g))
+    assert torch.isinf(ops.sq_norm([torch.tensor([float("inf"), 1.0])]))
+    w, b = [torch.ones(2), torch.ones(3)], [torch.empty(2), torch.empty(3)]
+    ops.perturb_(w, g, b, ops.sq_norm(g), 0.05, 1e-16)
+    assert torch.isnan(w[0]).all() and torch.isnan(w[1]).all()
+    assert torch.equal(b[0], torch.ones(2))
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("momentum,dampening,nesterov,weight_decay,maximize", [
+    c for c in itertools.product([0.0, 0.9], [0.0, 0.1], [False, True], [0.0, 1e-3], [False, True])
+    if not (c[2] and (c[0] == 0 or c[1] != 0))  # nesterov needs momentum and zero dampening
+])
+def test_fused_restore_sgd_matches_torch_sgd(momentum, dampening, nesterov, weight_decay, maximize):
+    """From the backups, one fused pass makes torch.optim.SGD's step (with its momentum buffers already
+    there: the optimizer takes the unfused path on a buffer's first step). Bit-exact here; at most 1 ulp
+    where a CPU without FMA makes torch round its vectorized multiply-adds twice."""
+    kw = dict(lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+              maximize=maximize)
+    sizes = SIZES["odd"] + SIZES["many"][:50]
+    backups, grads, buffers = (tensors(sizes, torch.float32, seed) for seed in (3, 4, 5))
+    theirs = [torch.nn.Parameter(b.clone()) for b in backups]
+    sgd = torch.optim.SGD(theirs, **kw)
+    for p, g, m in zip(theirs, grads, buffers):
+        p.grad = g.clone()
+        if momentum:
+            sgd.state[p]["momentum_buffer"] = m.clone()
+    sgd.step()
+    ours = [torch.randn_like(b) for b in backups]  # the perturbed weights: the op restores from the backups
+    ours_buffers = [m.clone() for m in buffers]
+    ops.restore_sgd_(ours, backups, grads, ours_buffers, **kw)
+    assert max(ulp_distance(o, t.detach()) for o, t in zip(ours, theirs)) <= 1
+    if momentum:
+        assert max(ulp_distance(o, sgd.state[t]["momentum_buffer"]) for o, t in zip(ours_buffers, theirs)) <= 1
+
+
+@pytestmark_ext
+def test_opcheck():
+    ts = tensors([5, 17], torch.float32)
+    torch.library.opcheck(torch.ops.imbsam_fast.sq_norm.default, ([t.clone() for t in ts],))
+    torch.library.opcheck(torch.ops.imbsam_fast.perturb_.default,
+                          ([t.clone() for t in ts], [t.clone() for t in ts], [torch.empty_like(t) for t in ts],
+                           torch.tensor(2.0), 0.05, 1e-16))
+    torch.library.opcheck(torch.ops.imbsam_fast.restore_.default, ([t.clone() for t in ts], [t.clone() for t in ts]))
+    torch.library.opcheck(torch.ops.imbsam_fast.restore_sgd_.default,
+                          ([t.clone() for t in ts], [t.clone() for t in ts], [t.clone() for t in ts],
+                           [torch.zeros_like(t) for t in ts], 0.1, 0.9, 0.0, 1e-3, False, False))
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_trajectory_with_the_extension_equals_the_torch_backend(mode):
+    from models import image_batches
+
+    tail = torch.tensor([False] * 7 + [True] * 3)
+
+    def run(backend):
+        torch.manual_seed(0)
+        model = small_cnn(10)
+        opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3, tail_mask=tail,
+                     mode=mode, model=model, backend=backend)
+        torch.manual_seed(1)
+        for i, (x, y) in enumerate(image_batches(6)):
+            y[i % 16] = 8
+
+            def closure(index=None, x=x, y=y):
+                xs, ys = (x, y) if index is None else (x[index], y[index])
+                return torch.nn.functional.cross_entropy(model(xs), ys, reduction="none")
+
+            opt.step(closure, y)
+        assert opt.backend == backend
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    got, want = run("ext"), run("torch")
+    assert ((got - want).norm() / want.norm()) < 1e-5
+
+
+def test_missing_extension_names_how_to_build(monkeypatch):
+    from imbsam_fast.backends import ext_ops
+
+    monkeypatch.setattr(ext_ops, "load_extension", lambda: False)
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation -e ."):
+        ext_ops.ExtParamOps()
+
+
+@pytest.mark.skipif(not ext_available(), reason="the JIT build is compared with the built extension")
+def test_jit_build_compiles_csrc_into_a_cache(tmp_path):
+    """A fresh process that cannot see the built extension compiles csrc/ with ninja into the cache."""
+    code = (
+        "import importlib.util, torch\n"
+        "importlib.util.find_spec = lambda name, *a, _f=importlib.util.find_spec: None if name == "
+        "'imbsam_fast._C' else _f(name, *a)\n"
+        "from imbsam_fast.backends.extension import load_extension, ext_error\n"
+        "assert load_extension(jit=True), ext_error()\n"
+        "print(float(torch.ops.imbsam_fast.sq_norm([torch.ones(3)])))\n"
+    )
+    env = {**os.environ, "IMBSAM_FAST_EXT_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "3.0"
+    assert any(tmp_path.glob("*.so"))
+
+
+def _train_small(steps=5, hooks=None, **options):
+    from models import image_batches
+
+    tail = torch.tensor([False] * 7 + [True] * 3)
+    torch.manual_seed(0)
+    model = small_cnn(10)
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True,
+                 tail_mask=tail, model=model, backend="ext", **options)
+    if hooks is not None:
+        opt.register_step_hooks(hooks)
+    torch.manual_seed(1)
+    for i, (x, y) in enumerate(image_batches(steps)):
+        y[i % 16] = 8
+
+        def closure(index=None, x=x, y=y):
+            xs, ys = (x, y) if index is None else (x[index], y[index])
+            return torch.nn.functional.cross_entropy(model(xs), ys, reduction="none")
+
+        opt.step(closure, y)
+    return model, opt
+
+
+@pytestmark_ext
+def test_fused_restore_sgd_gives_the_unfused_trajectory(monkeypatch):
+    from imbsam_fast import fused_sgd, optimizer
+
+    calls = []
+    real = fused_sgd.apply_fused_sgd
+
+    def counted(opt, plan):
+        calls.append(len(plan))
+        real(opt, plan)
+
+    monkeypatch.setattr(optimizer, "apply_fused_sgd", counted)
+    fused, _ = _train_small()
+    assert len(calls) == 4, "the fused pass runs from the second step on (SGD's first step makes the buffers)"
+    monkeypatch.setattr(optimizer, "plan_fused_sgd", lambda *a: None)
+    unfused, _ = _train_small()
+    for a, b in zip(fused.parameters(), unfused.parameters()):
+        assert ulp_distance(a.detach(), b.detach()) <= 1
+    for a, b in zip(fused.buffers(), unfused.buffers()):
+        assert torch.equal(a, b)
+
+
+@pytestmark_ext
+def test_fused_path_steps_aside_for_hooks_clipping_and_subclasses(monkeypatch):
+    from imbsam_fast import StepHooks, optimizer
+
+    calls = []
+    monkeypatch.setattr(optimizer, "apply_fused_sgd", lambda opt, plan: calls.append(1))
+    _train_small(steps=3, max_grad_norm=1.0)
+
+    _train_small(steps=3, hooks=StepHooks())
+    assert calls == []
+    _train_small(steps=3)
+    assert len(calls) == 2
+
+
+@pytestmark_ext
+def test_fused_path_skips_a_nonfinite_step_and_restores_the_weights():
+    model, opt = _train_small(steps=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(16, 3, 8, 8)
+    y = torch.arange(16) % 10
+
+    def closure(index=None):
+        return torch.nn.functional.cross_entropy(model(x), y, reduction="none") * float("nan")
+
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step(closure, y)
+    assert opt.last_step_skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
