@@ -42,12 +42,14 @@ def _extensions():
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return _skip("no C++ compiler found")
     native = [] if os.environ.get("IMBSAM_FAST_NATIVE") == "0" else ["-march=native"]
-    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", *native]
+    # -fopenmp: at::parallel_for is inline OpenMP; without it the extension's loops would run on one thread.
+    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp", *native]
     cuda = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cu"))
     if cuda and torch.version.cuda and CUDA_HOME:
-        ext = CUDAExtension("imbsam_fast._C", sources + cuda, extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
+        ext = CUDAExtension("imbsam_fast._C", sources + cuda, extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+                            extra_link_args=["-fopenmp"])
     else:
-        ext = CppExtension("imbsam_fast._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("imbsam_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

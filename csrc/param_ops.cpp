@@ -69,16 +69,27 @@ template <typename scalar_t, typename acc_t>
 acc_t chunk_sq_sum(const scalar_t* x, int64_t n) {
   acc_t acc = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
+    // Four independent accumulators keep the multiply-adds from waiting on each other.
     using Vec = at::vec::Vectorized<float>;
-    Vec vacc(0.f);
+    constexpr int64_t W = Vec::size();
+    Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
     int64_t i = 0;
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      Vec v = Vec::loadu(x + i);
-      vacc = at::vec::fmadd(v, v, vacc);
+    for (; i + 4 * W <= n; i += 4 * W) {
+      Vec v0 = Vec::loadu(x + i), v1 = Vec::loadu(x + i + W), v2 = Vec::loadu(x + i + 2 * W),
+          v3 = Vec::loadu(x + i + 3 * W);
+      a0 = a0 + v0 * v0;
+      a1 = a1 + v1 * v1;
+      a2 = a2 + v2 * v2;
+      a3 = a3 + v3 * v3;
     }
-    float lanes[Vec::size()];
+    for (; i + W <= n; i += W) {
+      Vec v = Vec::loadu(x + i);
+      a0 = a0 + v * v;
+    }
+    Vec vacc = (a0 + a1) + (a2 + a3);
+    float lanes[W];
     vacc.store(lanes);
-    for (int64_t l = 0; l < Vec::size(); ++l) acc += lanes[l];
+    for (int64_t l = 0; l < W; ++l) acc += lanes[l];
     for (; i < n; ++i) acc += x[i] * x[i];
   } else if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
     using Vec = at::vec::Vectorized<float>;
@@ -130,6 +141,43 @@ inline opmath_t round_to(opmath_t x) {
   return static_cast<opmath_t>(static_cast<scalar_t>(x));
 }
 
+// torch.optim.SGD, op by op: each of its ops rounds to the parameter dtype, and its vectorized
+// "a + alpha * b" is one fused multiply-add. Built with -ffp-contract=off, so only these fma's fuse.
+// The options are template parameters, so the inner loop has no branch and vectorizes.
+template <typename scalar_t, typename opmath_t, bool MAXIMIZE, bool WD, bool MOMENTUM, bool NESTEROV>
+void sgd_loop(scalar_t* w, const scalar_t* b, const scalar_t* g, scalar_t* m, int64_t n, opmath_t lr,
+              opmath_t momentum, opmath_t keep, opmath_t wd) {
+  for (int64_t i = 0; i < n; ++i) {
+    const opmath_t wi = static_cast<opmath_t>(b[i]);
+    opmath_t d = MAXIMIZE ? -static_cast<opmath_t>(g[i]) : static_cast<opmath_t>(g[i]);
+    if constexpr (WD) d = round_to<scalar_t>(std::fma(wi, wd, d));
+    if constexpr (MOMENTUM) {
+      const opmath_t decayed = round_to<scalar_t>(static_cast<opmath_t>(m[i]) * momentum);
+      const scalar_t buf = static_cast<scalar_t>(std::fma(d, keep, decayed));
+      m[i] = buf;
+      d = NESTEROV ? round_to<scalar_t>(std::fma(static_cast<opmath_t>(buf), momentum, d))
+                   : static_cast<opmath_t>(buf);
+    }
+    w[i] = static_cast<scalar_t>(std::fma(d, -lr, wi));
+  }
+}
+
+template <typename F>
+void sgd_dispatch(bool maximize, bool wd, bool momentum, bool nesterov, F&& f) {
+  using T = std::true_type;
+  using N = std::false_type;
+  auto with_nesterov = [&](auto mx, auto w, auto mom) {
+    if (nesterov) f(mx, w, mom, T{}); else f(mx, w, mom, N{});
+  };
+  auto with_momentum = [&](auto mx, auto w) {
+    if (momentum) with_nesterov(mx, w, T{}); else with_nesterov(mx, w, N{});
+  };
+  auto with_wd = [&](auto mx) {
+    if (wd) with_momentum(mx, T{}); else with_momentum(mx, N{});
+  };
+  if (maximize) with_wd(T{}); else with_wd(N{});
+}
+
 template <typename scalar_t, typename F>
 void for_each_chunk(const std::vector<Chunk>& chunks, F&& body) {
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
@@ -156,18 +204,25 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
       const scalar_t* g = grads[ch.tensor].const_data_ptr<scalar_t>() + ch.begin;
       scalar_t* b = backups[ch.tensor].data_ptr<scalar_t>() + ch.begin;
       const int64_t n = ch.end - ch.begin;
-      std::memcpy(b, w, n * sizeof(scalar_t));
+      // One pass: each weight is read once, then written to its backup and, moved, back in place.
       if constexpr (std::is_same_v<scalar_t, float>) {
         using Vec = at::vec::Vectorized<float>;
         const Vec s(scale);
         int64_t i = 0;
         for (; i + Vec::size() <= n; i += Vec::size()) {
-          at::vec::fmadd(Vec::loadu(g + i), s, Vec::loadu(w + i)).store(w + i);
+          const Vec wv = Vec::loadu(w + i);
+          wv.store(b + i);
+          (wv + Vec::loadu(g + i) * s).store(w + i);
         }
-        for (; i < n; ++i) w[i] = std::fma(g[i], scale, w[i]);
+        for (; i < n; ++i) {
+          b[i] = w[i];
+          w[i] = w[i] + g[i] * scale;
+        }
       } else {
         for (int64_t i = 0; i < n; ++i) {
-          w[i] = static_cast<scalar_t>(static_cast<opmath_t>(w[i]) + scale * static_cast<opmath_t>(g[i]));
+          const scalar_t wi = w[i];
+          b[i] = wi;
+          w[i] = static_cast<scalar_t>(static_cast<opmath_t>(wi) + scale * static_cast<opmath_t>(g[i]));
         }
       }
     });
@@ -220,21 +275,10 @@ void restore_sgd_(at::TensorList params, at::TensorList backups, at::TensorList 
       const scalar_t* g = grads[ch.tensor].const_data_ptr<scalar_t>() + ch.begin;
       scalar_t* m = with_momentum ? buffers[ch.tensor].data_ptr<scalar_t>() + ch.begin : nullptr;
       const int64_t n = ch.end - ch.begin;
-      // torch.optim.SGD, op by op: each of its ops rounds to the parameter dtype, and its vectorized
-      // "a + alpha * b" is one fused multiply-add. Built with -ffp-contract=off, so only these fma's fuse.
-      for (int64_t i = 0; i < n; ++i) {
-        const opmath_t wi = static_cast<opmath_t>(b[i]);
-        opmath_t d = maximize ? -static_cast<opmath_t>(g[i]) : static_cast<opmath_t>(g[i]);
-        if (o_wd != 0) d = round_to<scalar_t>(std::fma(wi, o_wd, d));
-        if (with_momentum) {
-          const opmath_t decayed = round_to<scalar_t>(static_cast<opmath_t>(m[i]) * o_m);
-          const scalar_t buf = static_cast<scalar_t>(std::fma(d, o_keep, decayed));
-          m[i] = buf;
-          d = nesterov ? round_to<scalar_t>(std::fma(static_cast<opmath_t>(buf), o_m, d))
-                       : static_cast<opmath_t>(buf);
-        }
-        w[i] = static_cast<scalar_t>(std::fma(d, -o_lr, wi));
-      }
+      sgd_dispatch(maximize, weight_decay != 0.0, with_momentum, nesterov, [&](auto mx, auto wd, auto mom, auto nest) {
+        sgd_loop<scalar_t, opmath_t, decltype(mx)::value, decltype(wd)::value, decltype(mom)::value,
+                 decltype(nest)::value>(w, b, g, m, n, o_lr, o_m, o_keep, o_wd);
+      });
     });
   });
 }
