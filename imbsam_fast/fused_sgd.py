@@ -29,7 +29,8 @@ FusedSGDPlan = list[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]
 """Per param group with gradients: (params, backups, grads, momentum buffers, the group)."""
 
 
-def plan_fused_sgd(opt: ImbSAM, buckets: list[Bucket], backup_of: dict[int, Tensor]) -> Optional[FusedSGDPlan]:
+def plan_fused_sgd(opt: ImbSAM, buckets: list[Bucket], backup_of: dict[int, tuple[Tensor, int]]
+                   ) -> Optional[FusedSGDPlan]:
     """The fused restore + SGD step of ``opt``'s groups, or ``None`` where it does not apply."""
     fused = getattr(opt._ops, "restore_sgd_", None)
     base = opt.base_optimizer
@@ -42,33 +43,34 @@ def plan_fused_sgd(opt: ImbSAM, buckets: list[Bucket], backup_of: dict[int, Tens
         return None
     plan: FusedSGDPlan = []
     covered = 0
-    state = base.state
+    state_of = base.state.get
+    backup_and_bucket = backup_of.get
     for group in opt.param_groups:
         if isinstance(group["lr"], Tensor) or group.get("differentiable"):
             return None
         momentum = group["momentum"] != 0
-        params, backups, grads, buffers = [], [], [], []
+        params, backups, grads, buffers, homes = [], [], [], [], set()
         for p in group["params"]:
             g = p.grad
             if g is None:
                 continue
-            backup = backup_of.get(id(p))
-            if backup is None:
+            entry = backup_and_bucket(id(p))
+            if entry is None:
                 return None
             if momentum:
-                buf = state[p].get("momentum_buffer") if p in state else None
+                st = state_of(p)
+                buf = None if st is None else st.get("momentum_buffer")
                 if buf is None:
                     return None
                 buffers.append(buf)
             params.append(p)
-            backups.append(backup)
+            backups.append(entry[0])
+            homes.add(entry[1])
             grads.append(g)
         if params:
+            # One bucket: one device and dtype (and the backend's checks on the first tensors hold for all).
             lists = (params, backups, grads, *((buffers,) if momentum else ()))
-            first = params[0]
-            if not all(p.dtype == first.dtype and p.device == first.device for p in params):
-                return None
-            if opt._ops._why_not(lists) is not None:
+            if len(homes) != 1 or opt._ops._why_not(lists) is not None:
                 return None
             plan.append((params, backups, grads, buffers, group))
             covered += len(params)

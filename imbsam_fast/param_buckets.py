@@ -58,8 +58,8 @@ class ParamBuckets:
         self._layout: list[Bucket] = []
         self._slots: list[list[int]] = []
         self._sharded = False
-        self.backup_of: dict[int, Tensor] = {}
-        """``id(parameter) -> its backup`` in the current layout."""
+        self.backup_of: dict[int, tuple[Tensor, int]] = {}
+        """``id(parameter) -> (its backup, its bucket's position)`` in the current layout."""
 
     def build(self, params: list[Tensor], grads: list[Tensor], rhos: list[Setting]) -> list[Bucket]:
         if not self._same(params, rhos):
@@ -67,7 +67,8 @@ class ParamBuckets:
             self._sharded = any(map(operator.is_not, local, params))
             self._layout, self._slots = self._group(local, rhos, self._old_backups())
             self._params, self._rhos = params, rhos
-            self.backup_of = {id(p): b for bucket in self._layout for p, b in zip(bucket.params, bucket.backups)}
+            self.backup_of = {id(p): (b, k) for k, bucket in enumerate(self._layout)
+                              for p, b in zip(bucket.params, bucket.backups)}
         if self._sharded:
             grads = [local_tensor(g) for g in grads]
         return [Bucket(b.params, [grads[i] for i in slots], b.backups, b.rho, b.adaptive)
