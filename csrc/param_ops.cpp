@@ -9,7 +9,8 @@
 //   sq_norm(ts)                       s = sum_j ||t_j||^2               (0-dim, fp32 or fp64)
 //   perturb_(w, g, b, s, rho, eps)    b <- w; w <- w + rho / (sqrt(s) + eps) * g
 //   restore_(w, b)                    w <- b                            (a bit copy)
-//   restore_sgd_(w, b, g, m, ...)     w <- b, then torch.optim.SGD's update of w with g and momentum m
+//   restore_sgd_(w, b, g, m, ..., skip)  w <- b, then torch.optim.SGD's update of w with g and momentum m
+//                                     (only w <- b when the optional flag ``skip`` is non-zero)
 //
 // The norm is deterministic: each chunk's partial sum is fixed by the chunk table,
 // and the partials are added in chunk order, whatever the number of threads.
@@ -23,6 +24,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace imbsam_fast {
@@ -249,8 +251,13 @@ void restore_(at::TensorList params, at::TensorList backups) {
 
 void restore_sgd_(at::TensorList params, at::TensorList backups, at::TensorList grads, at::TensorList buffers,
                   double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                  bool maximize) {
+                  bool maximize, const std::optional<at::Tensor>& skip) {
   if (params.empty()) return;
+  if (skip.has_value() && skip->item<double>() != 0.0) {
+    // A skipped step: only the restore. (On the CPU reading the flag is no device sync.)
+    restore_(params, backups);
+    return;
+  }
   check_list(params, "params");
   check_list(backups, "backups");
   check_list(grads, "grads");
@@ -291,7 +298,8 @@ TORCH_LIBRARY(imbsam_fast, m) {
         "float eps) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
   m.def("restore_sgd_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-        "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize) -> ()");
+        "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+        "Tensor? skip=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(imbsam_fast, CPU, m) {

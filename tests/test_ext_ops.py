@@ -136,6 +136,18 @@ def test_fused_restore_sgd_matches_torch_sgd(momentum, dampening, nesterov, weig
 
 
 @pytestmark_ext
+def test_fused_restore_sgd_with_the_skip_flag_only_restores():
+    backups, grads, buffers = (tensors([7, 40_003], torch.float32, seed) for seed in (3, 4, 5))
+    weights = [torch.randn_like(b) for b in backups]
+    kept = [m.clone() for m in buffers]
+    ops.restore_sgd_(weights, backups, grads, buffers, 0.1, 0.9, 0.0, 1e-3, False, False, torch.tensor(1.0))
+    assert all(torch.equal(w, b) for w, b in zip(weights, backups))
+    assert all(torch.equal(m, k) for m, k in zip(buffers, kept))
+    ops.restore_sgd_(weights, backups, grads, buffers, 0.1, 0.9, 0.0, 1e-3, False, False, torch.tensor(0.0))
+    assert not torch.equal(weights[0], backups[0]) and not torch.equal(buffers[0], kept[0])
+
+
+@pytestmark_ext
 def test_opcheck():
     ts = tensors([5, 17], torch.float32)
     torch.library.opcheck(torch.ops.imbsam_fast.sq_norm.default, ([t.clone() for t in ts],))
