@@ -43,7 +43,7 @@ def _extensions():
         return _skip("no C++ compiler found")
     native = [] if os.environ.get("IMBSAM_FAST_NATIVE") == "0" else ["-march=native"]
     # -fopenmp: at::parallel_for is inline OpenMP; without it the extension's loops would run on one thread.
-    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp", *native]
+    cxx = ["-O3", "-ffp-contract=off", "-fopenmp", *native]
     cuda = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cu"))
     if cuda and torch.version.cuda and CUDA_HOME:
         ext = CUDAExtension("imbsam_fast._C", sources + cuda, extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},

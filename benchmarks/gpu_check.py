@@ -1,11 +1,14 @@
 """One-call GPU check: the CUDA tests, then kernel benchmarks, a table printed last.
 
-    python benchmarks/gpu_check.py [--out DIR] [--skip-tests] [--quick]
+    python benchmarks/gpu_check.py [--out DIR] [--skip-tests] [--skip-ext] [--quick]
 
-1. runs the test suite on the GPU (kernel tests run the real kernels there);
+0. compiles the C++/CUDA extension (csrc/) in place, unless --skip-ext;
+1. runs the test suite on the GPU (kernel tests run the real kernels there, and the
+   extension's CUDA ops are checked against its CPU ops);
 2. times norm + perturb + restore for ResNet-32's shapes, ~10M and ~100M
    parameters in ~100 tensors: the public per-parameter code, the torch
-   foreach backend and the Triton backend (CUDA events, median after warm-up),
+   foreach backend, the Triton backend and the extension's CUDA ops when built
+   (CUDA events, median after warm-up),
    with GB/s as a fraction of a device-to-device copy measured in the same run,
    kernel launches per step and peak extra memory;
 3. times the class-masked CE (forward + head backward + tail backward) against
@@ -142,10 +145,27 @@ class BackendPhases:
         self.ops.restore_([self.bucket])
 
 
+def build_extension() -> int:
+    """``setup.py build_ext --inplace`` for this device's architecture; the return code."""
+    root = os.path.join(HERE, "..")
+    env = dict(os.environ)
+    if "CUDA_HOME" not in env and os.path.isdir("/usr/local/cuda"):
+        env["CUDA_HOME"] = "/usr/local/cuda"
+    major, minor = torch.cuda.get_device_capability()
+    env.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+    return subprocess.call([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=root, env=env)
+
+
+def _ext_cuda() -> bool:
+    from imbsam_fast.backends.extension import ext_available
+
+    return ext_available() and torch._C._dispatch_has_kernel_for_dispatch_key("imbsam_fast::sq_norm", "CUDA")
+
+
 def bench_params(name, shapes, reps, copy_gbs):
     rows = []
     n = numel(shapes)
-    for impl in ("reference", "torch", "triton"):
+    for impl in ("reference", "torch", "triton", *(("ext",) if _ext_cuda() else ())):
         torch.manual_seed(0)
         params = [torch.randn(s, device="cuda") for s in shapes]
         grads = [torch.randn(s, device="cuda") for s in shapes]
@@ -155,7 +175,13 @@ def bench_params(name, shapes, reps, copy_gbs):
         if impl == "reference":
             fn = ReferencePhases(params, grads)
         else:
-            fn = BackendPhases(TorchParamOps() if impl == "torch" else TritonParamOps(), params, grads)
+            if impl == "ext":
+                from imbsam_fast.backends.ext_ops import ExtParamOps
+
+                ops = ExtParamOps()
+            else:
+                ops = TorchParamOps() if impl == "torch" else TritonParamOps()
+            fn = BackendPhases(ops, params, grads)
         fn()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
@@ -244,12 +270,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-ext", action="store_true", help="do not compile the C++/CUDA extension")
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device; nothing to do", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
+    ext_rc = None if args.skip_ext else build_extension()
     tests_rc = None
     if not args.skip_tests:
         tests_rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
@@ -257,7 +285,7 @@ def main(argv=None) -> int:
     import triton
 
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.date.today().isoformat(), tests_rc=tests_rc)
+                date=datetime.date.today().isoformat(), tests_rc=tests_rc, ext_build_rc=ext_rc)
     copy_gbs = copy_bandwidth()
     info["copy_gbs"] = copy_gbs
     reps = 10 if args.quick else 30

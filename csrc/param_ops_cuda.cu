@@ -11,8 +11,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -171,7 +172,7 @@ at::Tensor sq_norm_cuda(at::TensorList tensors) {
   const Tables tables = make_tables({tensors});
   if (tables.n_chunks == 0) return out;
   at::Tensor partials = at::empty({tables.n_chunks}, acc_options);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "imbsam_fast::sq_norm", [&] {
     using acc_t = opmath<scalar_t>;
     sq_norm_partials<scalar_t, acc_t><<<tables.n_chunks, kBlock, 0, stream>>>(
@@ -192,7 +193,7 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList ba
   const c10::cuda::CUDAGuard guard(params[0].device());
   const Tables tables = make_tables({params, grads, backups});
   if (tables.n_chunks == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "imbsam_fast::perturb_", [&] {
     using M = opmath<scalar_t>;
     const at::Tensor s = sq.to(params[0].device(), std::is_same_v<M, double> ? at::kDouble : at::kFloat);
@@ -210,7 +211,7 @@ void restore_cuda(at::TensorList params, at::TensorList backups) {
   const c10::cuda::CUDAGuard guard(params[0].device());
   const Tables tables = make_tables({params, backups});
   if (tables.n_chunks == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "imbsam_fast::restore_", [&] {
     restore_kernel<scalar_t><<<tables.n_chunks, kBlock, 0, stream>>>(tables.pointers.data_ptr<int64_t>(),
                                                                      tables.chunks.data_ptr<int64_t>());
@@ -233,7 +234,7 @@ void restore_sgd_cuda(at::TensorList params, at::TensorList backups, at::TensorL
   if (tables.n_chunks == 0) return;
   at::Tensor flag;
   if (skip.has_value()) flag = skip->to(params[0].device(), at::kFloat);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "imbsam_fast::restore_sgd_", [&] {
     using M = opmath<scalar_t>;
     restore_sgd_kernel<scalar_t><<<tables.n_chunks, kBlock, 0, stream>>>(

@@ -286,3 +286,32 @@ def test_fused_path_skips_a_nonfinite_step_and_restores_the_weights():
         opt.step(closure, y)
     assert opt.last_step_skipped
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ext_available()
+                         and torch._C._dispatch_has_kernel_for_dispatch_key("imbsam_fast::sq_norm", "CUDA")),
+                    reason="needs a CUDA device and the extension built with its CUDA kernels")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_ops_match_the_cpu_ops(dtype):
+    sizes = SIZES["odd"] + SIZES["many"]
+    params, grads, buffers = (tensors(sizes, dtype, seed) for seed in (1, 2, 3))
+    cuda = [[t.cuda() for t in ts] for ts in (params, grads, buffers)]
+    torch.testing.assert_close(ops.sq_norm(cuda[1]).cpu(), ops.sq_norm(grads), rtol=TOL[dtype] * 10, atol=0)
+    assert torch.equal(ops.sq_norm(cuda[1]), ops.sq_norm(cuda[1])), "the CUDA norm must be deterministic"
+    backups_cpu, backups_cuda = [torch.empty_like(p) for p in params], [torch.empty_like(p) for p in cuda[0]]
+    ops.perturb_(params, grads, backups_cpu, ops.sq_norm(grads), 0.3, 1e-16)
+    ops.perturb_(cuda[0], cuda[1], backups_cuda, ops.sq_norm(cuda[1]), 0.3, 1e-16)
+    tol = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    for a, b in zip(cuda[0], params):
+        torch.testing.assert_close(a.cpu(), b, rtol=tol, atol=tol)
+    ops.restore_(cuda[0], backups_cuda)
+    assert all(torch.equal(a, b) for a, b in zip(cuda[0], backups_cuda))
+    if dtype == torch.float32:
+        kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-3, nesterov=True, maximize=False)
+        ops.restore_sgd_(params, backups_cpu, grads, buffers, **kw)
+        ops.restore_sgd_(cuda[0], backups_cuda, cuda[1], cuda[2], **kw)
+        for a, b in zip(cuda[0], params):
+            assert ulp_distance(a.cpu(), b) <= 1
+        skipped = [t.clone() for t in cuda[0]]
+        ops.restore_sgd_(skipped, backups_cuda, cuda[1], cuda[2], **kw, skip=torch.ones((), device="cuda"))
+        assert all(torch.equal(a, b) for a, b in zip(skipped, backups_cuda))

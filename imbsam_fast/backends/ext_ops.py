@@ -1,10 +1,10 @@
 """Parameter ops through the C++ extension (``torch.ops.imbsam_fast.*``, see ``csrc/param_ops.cpp``).
 
 One op call per bucket and phase, each a single parallel pass over all of
-the bucket's tensors: no per-tensor dispatch. CPU tensors of fp32, fp64, fp16
-and bf16, contiguous, are covered; anything else (CUDA tensors, until the CUDA
-kernels exist; non-contiguous tensors) and ASAM's adaptive buckets go through
-the torch ops and are named in ``fallbacks``.
+the bucket's tensors: no per-tensor dispatch. Contiguous fp32, fp64, fp16 and
+bf16 tensors on the CPU are covered, and on CUDA when the extension was built
+with its CUDA kernels; anything else (non-contiguous tensors, other devices)
+and ASAM's adaptive buckets go through the torch ops and are named in ``fallbacks``.
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ class ExtParamOps:
         self._ops = torch.ops.imbsam_fast
         self._torch = TorchParamOps()
         self.fallbacks: set[str] = set()
+        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+        self._devices = {d for d in ("cpu", "cuda") if has_kernel("imbsam_fast::sq_norm", d.upper())}
 
     def _why_not(self, lists: tuple[list[Tensor], ...]) -> Optional[str]:
         first = lists[0][0]
-        if first.device.type != "cpu":
+        if first.device.type not in self._devices:
             return f"{first.device.type} tensors"
         if first.dtype not in _COVERED:
             return str(first.dtype)

@@ -56,7 +56,7 @@ def _load_jit() -> bool:
         raise RuntimeError(f"no C++ sources under {_SOURCES} (the JIT build needs a source checkout)")
     cache = Path(os.environ.get("IMBSAM_FAST_EXT_CACHE", Path.home() / ".cache" / "imbsam_fast"))
     cache.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp", "-march=native"]
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-march=native"]
     load("imbsam_fast_C", sources, extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(cache),
          is_python_module=False, verbose=False)
     return True
