@@ -355,9 +355,18 @@ def test_resnet34_has_torchvisions_layout():
         import torchvision
     except Exception:  # torchvision does not import beside the CPU torch build
         return
-    theirs = torchvision.models.resnet34(num_classes=100).state_dict()
-    ours = model.state_dict()
+    reference = torchvision.models.resnet34(num_classes=100)
+    theirs, ours = reference.state_dict(), model.state_dict()
     assert list(ours) == list(theirs) and all(ours[k].shape == theirs[k].shape for k in ours)
+    model.load_state_dict(theirs)
+    model.eval()
+    reference.eval()
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(model(x), reference(x))
+    for name in ("resnet50", "resnext50"):
+        from imbsam_fast.apps.models import make_backbone
+
+        assert make_backbone(name, 100)(x).shape == (4, 100)
 
 
 def test_torchrun_two_processes_train_a_list_set(tmp_path):
