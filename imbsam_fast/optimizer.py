@@ -85,7 +85,12 @@ class ImbSAM(Optimizer):
         fast_bn, ghost_batch: fast mode only: the BatchNorm treatment of the tail
             passes, ``"replay-ghost"`` (default) or ``"ghost"``, and the number
             of zero-weight head samples in a ghost batch (default 8, >= 1).
-        backend: ``"auto" | "torch" | "triton"`` for the parameter ops.
+        tail_capacity: fast mode only: run the tail passes on exactly ``K`` samples, with no host
+            sync for the tail count: the tail samples first, then zero-weight head samples (which
+            also serve as the BatchNorm ghost batch); a batch with more than ``K`` tail samples
+            takes a uniform random subset of ``K`` of them, reweighted by ``n_tail / K`` (unbiased).
+            ``ghost_batch`` does not apply then.
+        backend: ``"auto" | "torch" | "triton" | "ext"`` for the parameter ops.
         nonfinite: a NaN/inf in the tail or combined gradient: ``"skip"`` the base
             step (weights and BatchNorm buffers restored, counted in
             ``skipped_steps``, a warning), ``"raise"`` ``FloatingPointError``
@@ -109,6 +114,7 @@ class ImbSAM(Optimizer):
         bn_stats: Optional[str] = None,
         fast_bn: Optional[str] = None,
         ghost_batch: Optional[int] = None,
+        tail_capacity: Optional[int] = None,
         backend: str = "auto",
         nonfinite: str = "skip",
         ignore_index: int = -100,
@@ -129,7 +135,7 @@ class ImbSAM(Optimizer):
         self._weights_source = "tail_mask" if tail_mask is not None else "class weights"
         self._bn = BatchNormStats(model) if model is not None else None
         self.schedule = make_schedule(mode, model, self._bn, bn_stats=bn_stats, fast_bn=fast_bn,
-                                      ghost_batch=ghost_batch)
+                                      ghost_batch=ghost_batch, tail_capacity=tail_capacity)
         base = self._build_base(params, base_optimizer, {"rho": rho, "adaptive": adaptive}, base_kwargs)
         self.base_optimizer = base
         self.param_groups = base.param_groups

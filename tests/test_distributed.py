@@ -44,6 +44,7 @@ DDP_CONFIGS = {
     "exact-micro": {"mode": "exact", "step": {"micro_batches": 3}},
     "exact-scaler": {"mode": "exact", "scaler": True},
     "fast-scaler": {"mode": "fast", "scaler": True},
+    "fast-capacity": {"mode": "fast", "options": {"tail_capacity": 4}},
 }
 FSDP2_CONFIGS = {
     "exact": {"mode": "exact"},
@@ -155,7 +156,8 @@ def test_ddp_batchnorm_model_stays_in_sync(ddp_results):
     assert result["allreduces"] == [1] * STEPS
 
 
-@pytest.mark.parametrize("name", ["exact-clip", "fast-micro", "exact-micro", "exact-scaler", "fast-scaler"])
+@pytest.mark.parametrize("name", ["exact-clip", "fast-micro", "exact-micro", "exact-scaler", "fast-scaler",
+                                  "fast-capacity"])
 def test_ddp_composes_with_clipping_micro_batches_and_the_scaler(ddp_results, name):
     result = ddp_results[name]
     cfg = DDP_CONFIGS[name]

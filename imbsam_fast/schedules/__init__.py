@@ -18,18 +18,18 @@ __all__ = [
 
 MODES = ("exact", "fast")
 Schedule = Union[ExactSchedule, FastSchedule]
-_FAST_ONLY = ("fast_bn", "ghost_batch")
+_FAST_ONLY = ("fast_bn", "ghost_batch", "tail_capacity")
 _EXACT_ONLY = ("bn_stats",)
 
 
 def make_schedule(mode: str, model: Optional[nn.Module], batchnorm: Optional[BatchNormStats], *,
                   bn_stats: Optional[str] = None, fast_bn: Optional[str] = None,
-                  ghost_batch: Optional[int] = None) -> Schedule:
+                  ghost_batch: Optional[int] = None, tail_capacity: Optional[int] = None) -> Schedule:
     """The schedule of ``mode``; an option that belongs to the other mode is a ``ValueError``."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    given = {k for k, v in (("bn_stats", bn_stats), ("fast_bn", fast_bn), ("ghost_batch", ghost_batch))
-             if v is not None}
+    given = {k for k, v in (("bn_stats", bn_stats), ("fast_bn", fast_bn), ("ghost_batch", ghost_batch),
+                            ("tail_capacity", tail_capacity)) if v is not None}
     wrong = sorted(given & set(_EXACT_ONLY if mode == "fast" else _FAST_ONLY))
     if wrong:
         other = "exact" if mode == "fast" else "fast"
@@ -42,4 +42,4 @@ def make_schedule(mode: str, model: Optional[nn.Module], batchnorm: Optional[Bat
             "tail-only passes"
         )
     return FastSchedule(batchnorm, "replay-ghost" if fast_bn is None else fast_bn,
-                        8 if ghost_batch is None else ghost_batch)
+                        8 if ghost_batch is None else ghost_batch, tail_capacity)

@@ -27,11 +27,19 @@ statistics there (see :mod:`imbsam_fast.batchnorm`). ``fast_bn`` picks:
 Running statistics move only in the full forward. Replaying in both passes
 was measured to collapse the tail classes (``benchmarks/RESULTS.md``) and is
 not offered.
+
+``tail_capacity=K`` fixes the size of both tail passes: ``K`` samples chosen
+on the device (:func:`fixed_tail_index`), so no host sync reads the tail
+count and every batch runs the same three passes (the shapes a captured or
+compiled step needs). Zero-weight head samples fill the pass and serve as
+the BatchNorm ghost batch; more than ``K`` tail samples are subsampled
+uniformly and reweighted by ``n_tail / K``.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -40,7 +48,7 @@ from ..batchnorm import BatchNormStats
 from ..hooks import ASCENT, HEAD, PERTURBED
 from .base import StepLosses, StepRun
 
-__all__ = ["FastSchedule", "FAST_BN"]
+__all__ = ["FastSchedule", "FAST_BN", "fixed_tail_index"]
 
 FAST_BN = ("replay-ghost", "ghost")
 
@@ -50,7 +58,8 @@ class FastSchedule:
 
     name = "fast"
 
-    def __init__(self, batchnorm: BatchNormStats, fast_bn: str = "replay-ghost", ghost_batch: int = 8) -> None:
+    def __init__(self, batchnorm: BatchNormStats, fast_bn: str = "replay-ghost", ghost_batch: int = 8,
+                 tail_capacity: Optional[int] = None) -> None:
         if fast_bn == "replay":
             raise ValueError(
                 "fast_bn='replay' was removed: replaying the full batch's BatchNorm statistics in both tail passes "
@@ -64,12 +73,18 @@ class FastSchedule:
                 f"ghost_batch must be an int >= 1 (head samples added to the BatchNorm ghost batch), got "
                 f"{ghost_batch!r}; a tail-only pass would normalize one or two samples by their own statistics"
             )
+        if tail_capacity is not None and (isinstance(tail_capacity, bool) or not isinstance(tail_capacity, int)
+                                          or tail_capacity < 1):
+            raise ValueError(f"tail_capacity must be an int >= 1 (the size of every tail pass), got {tail_capacity!r}")
         self.fast_bn = fast_bn
         self.ghost_batch = ghost_batch
+        self.tail_capacity = tail_capacity
         self._bn = batchnorm
 
     def run(self, run: StepRun, targets: Tensor, head_w: Tensor, tail_w: Tensor, has_head: bool,
             has_tail: bool) -> StepLosses:
+        if self.tail_capacity is not None and has_tail:
+            return self._run_fixed(run, head_w, tail_w, has_head)
         # The tail passes are sized by the number of tail samples: reading it is one
         # host sync per step when the targets live on an accelerator (none on the CPU).
         index = torch.nonzero(tail_w).squeeze(1) if has_tail else tail_w.new_zeros(0, dtype=torch.long)
@@ -99,6 +114,22 @@ class FastSchedule:
         run.descend()
         return StepLosses(head, tail, tail2, losses)
 
+    def _run_fixed(self, run: StepRun, head_w: Tensor, tail_w: Tensor, has_head: bool) -> StepLosses:
+        """Tail passes of exactly ``K = tail_capacity`` samples, chosen on the device (see ``fixed_tail_index``)."""
+        bn = self._bn.active()
+        replay_at_w = bn and self.fast_bn == "replay-ghost" and run.micro_batches == 1
+        with self._bn.record() if replay_at_w else nullcontext():
+            losses, head = run.full_pass(head_w, HEAD, sync=False, backward=has_head)
+        tail = run.loss(losses, tail_w)
+        index, weights = fixed_tail_index(tail_w, min(self.tail_capacity, tail_w.numel()))
+        run.stash()
+        frozen = self._bn.freeze_running_stats if bn else nullcontext
+        run.tail_pass(index, weights, ASCENT, self._bn.replay if replay_at_w else frozen)
+        run.ascend()
+        tail2 = run.tail_pass(index, weights, PERTURBED, frozen, sync=True)
+        run.descend()
+        return StepLosses(head, tail, tail2, losses)
+
     @staticmethod
     def _global_count(run: StepRun, n_local: int, device: torch.device) -> int:
         """The tail count of the whole batch over processes: every process decides the same passes."""
@@ -119,3 +150,18 @@ class FastSchedule:
         keys = torch.rand(tail_w.shape, device=tail_w.device).masked_fill(tail_w != 0, float("inf"))
         pick = torch.topk(keys, k, largest=False).indices
         return torch.cat([index, pick]).sort().values
+
+
+def fixed_tail_index(tail_w: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``k`` sample indices (sorted) and the whole batch's tail weights for them, with no host sync.
+
+    With ``n`` tail samples (``tail_w != 0``): ``n <= k`` takes all of them plus ``k - n`` random
+    head samples, whose tail weight is 0; ``n > k`` takes a uniform random subset of ``k`` tail
+    samples and scales the weights by ``n / k``, so that the expected loss is the full tail loss.
+    Randomness comes from torch's global generator.
+    """
+    is_tail = tail_w != 0
+    keys = torch.rand(tail_w.shape, device=tail_w.device) + (~is_tail).to(tail_w.dtype) * 2.0
+    index = torch.topk(keys, k, largest=False).indices.sort().values
+    scale = (is_tail.sum().to(tail_w.dtype) / k).clamp(min=1.0)
+    return index, tail_w * scale
