@@ -95,7 +95,7 @@ class StepRun:
 
     def finish(self, phase: str) -> None:
         """A pass is complete: the tail gradient at w is synchronized, then the ``after_backward`` hooks run."""
-        if phase == ASCENT:
+        if phase == ASCENT and self.sync.kind == "ddp":
             self.sync.reduce_ascent(_grads(self.opt.param_groups))
         for h in self.hooks:
             h.after_backward(self.opt, phase)
