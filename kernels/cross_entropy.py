@@ -11,6 +11,10 @@ weights ``a``, ``b`` over a batch of ``B`` rows::
 
     head = sum_i a[y_i] l_i / B,      tail = sum_i b[y_i] l_i / B
 
+Both passes are torch ops (``torch.ops.imbsam_fast.class_masked_ce`` and its
+backward, with fake kernels and an autograd formula), so ``torch.compile`` and
+CUDA-graph capture see each as one op.
+
 Forward: one program per row reads its logits twice (the online max / sum,
 then ``G``), writes ``l``, ``G`` and the row's weights; a second one-program
 kernel sums ``head`` and ``tail`` in a fixed order. Backward never recomputes
@@ -35,16 +39,16 @@ from torch import Tensor
 
 from imbsam_fast.labels import check_label_flag
 
-__all__ = ["class_masked_cross_entropy", "ClassMaskedCrossEntropy"]
+__all__ = ["class_masked_cross_entropy", "class_masked_ce_op", "class_masked_ce_backward_op"]
 
 MAX_BLOCK_C = 4096
 
 
 @triton.jit
 def _forward_kernel(
-    logits, stride_row, targets, head_w, tail_w, tail_mask, tail_weight, bad_labels,
+    logits, stride_row, targets, head_w, tail_w, bad_labels,
     losses, grad, row_head_w, row_tail_w, C, ignore_index, smoothing,
-    FROM_MASK: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     y = tl.load(targets + i)
@@ -69,13 +73,8 @@ def _forward_kernel(
     loss = lse - (1.0 - smoothing) * x_y - smoothing / C * sum_x
     tl.store(losses + i, tl.where(valid, loss, 0.0))
     keep = tl.where(valid, 1.0, 0.0)
-    if FROM_MASK:
-        is_tail = tl.load(tail_mask + y_safe).to(tl.float32)
-        a = 1.0 - is_tail
-        b = tail_weight * is_tail
-    else:
-        a = tl.load(head_w + y_safe)
-        b = tl.load(tail_w + y_safe)
+    a = tl.load(head_w + y_safe)
+    b = tl.load(tail_w + y_safe)
     tl.store(row_head_w + i, a * keep)
     tl.store(row_tail_w + i, b * keep)
     grow = grad + i * C
@@ -129,59 +128,75 @@ def _warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
-class ClassMaskedCrossEntropy(torch.autograd.Function):
-    """Autograd wrapper: ``(logits, targets, weights) -> (head, tail, per-sample losses)``.
+@torch.library.custom_op("imbsam_fast::class_masked_ce", mutates_args=())
+def class_masked_ce_op(logits: Tensor, targets: Tensor, head_w: Tensor, tail_w: Tensor, ignore_index: int,
+                       smoothing: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(head, tail, per-sample losses, G, row weights)``: the forward kernels as one op for
+    ``torch.compile`` and CUDA-graph capture (``G`` and the row weights are what the backward scales)."""
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    batch, num_classes = logits.shape
+    device = logits.device
+    losses = torch.empty(batch, dtype=torch.float32, device=device)
+    grad = torch.empty((batch, num_classes), dtype=logits.dtype, device=device)
+    row_w = torch.empty((2, batch), dtype=torch.float32, device=device)
+    sums = torch.zeros(3, dtype=torch.float32, device=device)  # head, tail, bad-label flag (as int32 bits)
+    if batch > 0:
+        block = _block_c(num_classes)
+        _forward_kernel[(batch,)](
+            logits, logits.stride(0), targets, head_w, tail_w, sums[2:].view(torch.int32),
+            losses, grad, row_w[0], row_w[1], num_classes, ignore_index, float(smoothing),
+            BLOCK_C=block, num_warps=_warps(block),
+        )
+        _weighted_sums_kernel[(1,)](losses, row_w[0], row_w[1], sums, batch, 1.0 / batch, BLOCK=1024, num_warps=4)
+        check_label_flag(sums[2:].view(torch.int32), num_classes, ignore_index)
+    return sums[0].clone(), sums[1].clone(), losses, grad, row_w
 
-    The weights are either per-class vectors ``a``, ``b`` or a bool tail mask
-    with ``tail_weight`` (``a = 1 - m``, ``b = tail_weight * m``), read in the kernel.
-    """
 
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, head_w: Optional[Tensor], tail_w: Optional[Tensor],
-                tail_mask: Optional[Tensor], tail_weight: float, ignore_index: int, smoothing: float):
-        ctx.set_materialize_grads(False)
-        if logits.stride(-1) != 1:
-            logits = logits.contiguous()
-        batch, num_classes = logits.shape
-        device = logits.device
-        losses = torch.empty(batch, dtype=torch.float32, device=device)
-        grad = torch.empty((batch, num_classes), dtype=logits.dtype, device=device)
-        row_w = torch.empty((2, batch), dtype=torch.float32, device=device)
-        sums = torch.zeros(3, dtype=torch.float32, device=device)  # head, tail, bad-label flag (as int32 bits)
-        inv_b = 1.0 / max(batch, 1)
-        if batch > 0:
-            block = _block_c(num_classes)
-            from_mask = tail_mask is not None
-            unused = row_w
-            _forward_kernel[(batch,)](
-                logits, logits.stride(0), targets, unused if from_mask else head_w, unused if from_mask else tail_w,
-                tail_mask if from_mask else unused, float(tail_weight), sums[2:].view(torch.int32),
-                losses, grad, row_w[0], row_w[1], num_classes, ignore_index, float(smoothing),
-                FROM_MASK=from_mask, BLOCK_C=block, num_warps=_warps(block),
-            )
-            _weighted_sums_kernel[(1,)](losses, row_w[0], row_w[1], sums, batch, inv_b, BLOCK=1024, num_warps=4)
-            check_label_flag(sums[2:].view(torch.int32), num_classes, ignore_index)
-        ctx.save_for_backward(grad, row_w)
-        ctx.inv_b = inv_b
-        return sums[0], sums[1], losses
+@class_masked_ce_op.register_fake
+def _(logits, targets, head_w, tail_w, ignore_index, smoothing):
+    batch, num_classes = logits.shape
+    scalar = logits.new_empty((), dtype=torch.float32)
+    return (scalar, scalar.clone(), logits.new_empty(batch, dtype=torch.float32),
+            logits.new_empty((batch, num_classes)), logits.new_empty((2, batch), dtype=torch.float32))
 
-    @staticmethod
-    def backward(ctx, g_head: Optional[Tensor], g_tail: Optional[Tensor], g_losses: Optional[Tensor]):
-        grad, row_w = ctx.saved_tensors
-        batch, num_classes = grad.shape
-        if g_head is None and g_tail is None and g_losses is None:
-            return (None,) * 8
-        dlogits = torch.empty_like(grad)
-        if batch > 0 and num_classes > 0:
-            block = _block_c(num_classes)
-            _backward_kernel[(batch, triton.cdiv(num_classes, block))](
-                grad, dlogits, row_w[0], row_w[1],
-                g_head if g_head is not None else row_w, g_tail if g_tail is not None else row_w,
-                g_losses.contiguous() if g_losses is not None else row_w, num_classes, ctx.inv_b,
-                HAS_HEAD=g_head is not None, HAS_TAIL=g_tail is not None, HAS_LOSSES=g_losses is not None,
-                BLOCK_C=block, num_warps=_warps(block),
-            )
-        return dlogits, None, None, None, None, None, None, None
+
+@torch.library.custom_op("imbsam_fast::class_masked_ce_backward", mutates_args=())
+def class_masked_ce_backward_op(grad: Tensor, row_w: Tensor, g_head: Optional[Tensor], g_tail: Optional[Tensor],
+                                g_losses: Optional[Tensor]) -> Tensor:
+    """``dx_i = (g_h a[y_i] / B + g_t b[y_i] / B + g_l[i]) G_i``: one row-scaling launch."""
+    batch, num_classes = grad.shape
+    dlogits = torch.empty_like(grad)
+    if batch > 0 and num_classes > 0:
+        block = _block_c(num_classes)
+        _backward_kernel[(batch, triton.cdiv(num_classes, block))](
+            grad, dlogits, row_w[0], row_w[1],
+            g_head if g_head is not None else row_w, g_tail if g_tail is not None else row_w,
+            g_losses.contiguous() if g_losses is not None else row_w, num_classes, 1.0 / batch,
+            HAS_HEAD=g_head is not None, HAS_TAIL=g_tail is not None, HAS_LOSSES=g_losses is not None,
+            BLOCK_C=block, num_warps=_warps(block),
+        )
+    return dlogits
+
+
+@class_masked_ce_backward_op.register_fake
+def _(grad, row_w, g_head, g_tail, g_losses):
+    return torch.empty_like(grad)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[3], output[4])
+    ctx.mark_non_differentiable(output[3], output[4])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, g_head, g_tail, g_losses, _g_grad, _g_row_w):
+    grad, row_w = ctx.saved_tensors
+    if g_head is None and g_tail is None and g_losses is None:
+        return None, None, None, None, None, None
+    return class_masked_ce_backward_op(grad, row_w, g_head, g_tail, g_losses), None, None, None, None, None
+
+
+class_masked_ce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def class_masked_cross_entropy(
@@ -199,14 +214,11 @@ def class_masked_cross_entropy(
     if tail_mask is not None:
         if head_w is not None or tail_w is not None:
             raise ValueError("give either head_w and tail_w, or tail_mask, not both")
-        return ClassMaskedCrossEntropy.apply(
-            logits, targets, None, None, tail_mask.to(logits.device).contiguous(), float(tail_weight),
-            int(ignore_index), float(label_smoothing),
-        )
-    if head_w is None or tail_w is None:
+        mask = tail_mask.to(logits.device)
+        head_w, tail_w = (~mask).to(torch.float32), mask.to(torch.float32) * float(tail_weight)
+    elif head_w is None or tail_w is None:
         raise ValueError("give head_w and tail_w, or tail_mask")
-    return ClassMaskedCrossEntropy.apply(
+    head, tail, losses, _, _ = class_masked_ce_op(
         logits, targets, head_w.to(device=logits.device, dtype=torch.float32).contiguous(),
-        tail_w.to(device=logits.device, dtype=torch.float32).contiguous(), None, 1.0, int(ignore_index),
-        float(label_smoothing),
-    )
+        tail_w.to(device=logits.device, dtype=torch.float32).contiguous(), int(ignore_index), float(label_smoothing))
+    return head, tail, losses

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from imbsam_fast import ClassWeights, class_weighted_cross_entropy, head_tail_cross_entropy
-from imbsam_fast.backends.kernels import interpreting
+from imbsam_fast.backends.kernels import interpreting, triton_available
 
 pytestmark = pytest.mark.skipif(
     not (interpreting() or torch.cuda.is_available()), reason="needs TRITON_INTERPRET=1 or a CUDA device"
@@ -125,3 +125,29 @@ def test_bad_labels_and_dtypes_are_rejected():
             head_tail_cross_entropy(logits, y, mask, tail_weight=2.0, backend="triton")
     with pytest.raises(TypeError, match="fp32, fp16 or bf16"):
         head_tail_cross_entropy(logits.double(), y.clamp(max=8), mask, tail_weight=2.0, backend="triton")
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_the_fused_cross_entropy_is_one_torch_op_for_compile_and_capture():
+    from imbsam_fast.kernels.cross_entropy import class_masked_ce_op
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 11, generator=g).to(DEVICE).requires_grad_()
+    y = torch.tensor([0, 3, 10, -100, 7, 3]).to(DEVICE)
+    a, b = torch.rand(11, generator=g).to(DEVICE), torch.rand(11, generator=g).to(DEVICE)
+    torch.library.opcheck(class_masked_ce_op, (x, y, a, b, -100, 0.0))
+    torch.library.opcheck(class_masked_ce_op, (x, y, a, b, -100, 0.1))
+    from imbsam_fast.kernels.cross_entropy import class_masked_ce_backward_op, class_masked_cross_entropy
+
+    _, _, _, stored, row_w = class_masked_ce_op(x.detach(), y, a, b, -100, 0.0)
+    torch.library.opcheck(class_masked_ce_backward_op, (stored, row_w, torch.tensor(1.0, device=DEVICE), None,
+                                                        torch.ones(6, device=DEVICE)))
+
+    def loss(logits):
+        head, tail, _ = class_masked_cross_entropy(logits, y, a, b)
+        return head + 2 * tail
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")  # fullgraph: no graph break at the op
+    want = torch.autograd.grad(loss(x), x)[0]
+    got = torch.autograd.grad(compiled(x), x)[0]
+    torch.testing.assert_close(got, want)
