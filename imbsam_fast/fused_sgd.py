@@ -79,8 +79,8 @@ def plan_fused_sgd(opt: ImbSAM, buckets: list[Bucket], backup_of: dict[int, tupl
     return plan
 
 
-def apply_fused_sgd(opt: ImbSAM, plan: FusedSGDPlan) -> None:
-    """Run the planned fused passes."""
+def apply_fused_sgd(opt: ImbSAM, plan: FusedSGDPlan, skip: Optional[Tensor] = None) -> None:
+    """Run the planned fused passes; where the device-side flag ``skip`` is set they only restore."""
     for params, backups, grads, buffers, g in plan:
         opt._ops.restore_sgd_(params, backups, grads, buffers, g["lr"], g["momentum"], g["dampening"],
-                              g["weight_decay"], g["nesterov"], g["maximize"])
+                              g["weight_decay"], g["nesterov"], g["maximize"], skip)

@@ -54,12 +54,14 @@ def _raise_bad_labels(targets: Tensor, num_classes: int, ignored: Tensor, ignore
                          f"e.g. {bad[0].item()}")
 
 
-def class_index(targets: Tensor, num_classes: int, ignore_index: int, source: str = "class weights") -> Tensor:
+def class_index(targets: Tensor, num_classes: int, ignore_index: int, source: str = "class weights",
+                device_check: bool = False) -> Tensor:
     """``targets`` with ``ignore_index`` mapped to ``num_classes`` (a row of zeros in a weight table), every
-    other label checked to lie in ``[0, num_classes)``: ``ValueError`` on CPU, a device assert elsewhere."""
+    other label checked to lie in ``[0, num_classes)``: ``ValueError`` on CPU, a device assert elsewhere
+    (and on the CPU too with ``device_check``, which reads no value back in Python)."""
     ignored = targets == ignore_index
     idx = targets.masked_fill(ignored, num_classes)
-    if targets.device.type == "cpu":
+    if targets.device.type == "cpu" and not device_check:
         # CPU tensors: reading the extremes is not a device sync, so fail eagerly with a clear message.
         if idx.numel():
             low, high = (int(v) for v in torch.aminmax(idx))

@@ -34,6 +34,7 @@ from .distributed import local_tensor, make_grad_sync
 from .fused_sgd import FusedSGDPlan, apply_fused_sgd, plan_fused_sgd
 from .hooks import HookHandle, StepHooks
 from .labels import check_targets
+from .masked_step import masked_base_step, nonfinite_flag, restore_where
 from .options import check_adaptive, check_max_grad_norm, check_micro_batches, check_rho, class_weights_from
 from .param_buckets import ParamBuckets, params_with_grad
 from .priors import ClassWeights, sample_weights
@@ -97,6 +98,12 @@ class ImbSAM(Optimizer):
             after the same restore, or ``"none"`` (no check: saves one read of
             the gradients and one host sync per step).
         ignore_index: label whose samples get zero weight in :meth:`step`.
+        capturable: no value is read back anywhere in :meth:`step` (``closure, targets``), so the
+            step can be captured in a CUDA graph, and the same path runs on the CPU. The non-finite
+            skip is decided on the device: the base step is taken and undone where a flag is set
+            (weights, optimizer state, BatchNorm buffers), with no warning; ``skipped_steps`` reads
+            the count lazily. Needs ``tail_capacity`` in fast mode; ``nonfinite="raise"`` is not
+            possible. A base optimizer with a ``capturable`` option gets it for accelerator parameters.
     """
 
     def __init__(
@@ -120,6 +127,7 @@ class ImbSAM(Optimizer):
         ignore_index: int = -100,
         ascent_sync: Optional[str] = None,
         max_grad_norm: Optional[float] = None,
+        capturable: bool = False,
         **base_kwargs: Any,
     ) -> None:
         rho = check_rho(rho)
@@ -131,6 +139,15 @@ class ImbSAM(Optimizer):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be True or False, got {type(capturable).__name__}")
+        if capturable and nonfinite == "raise":
+            raise ValueError("nonfinite='raise' needs a host read of the gradients' finiteness; capturable=True "
+                             "decides on the device: use nonfinite='skip' (or 'none')")
+        if capturable and mode == "fast" and tail_capacity is None:
+            raise ValueError("capturable=True in fast mode needs tail_capacity=K: the tail passes must have a "
+                             "fixed size that no host read decides")
+        self.capturable = capturable
         weights = class_weights_from(tail_mask, tail_weight, class_weights)
         self._weights_source = "tail_mask" if tail_mask is not None else "class weights"
         self._bn = BatchNormStats(model) if model is not None else None
@@ -142,16 +159,22 @@ class ImbSAM(Optimizer):
         self.defaults.update({k: v for k, v in base.defaults.items() if k not in self.defaults})
         self._fill_rho()
         self._sync = make_grad_sync(model, [p for g in self.param_groups for p in g["params"]], ascent_sync)
+        if capturable:
+            self._make_base_capturable()
 
         self._set_class_weights(weights)
         self.nonfinite = nonfinite
         self.ignore_index = ignore_index
         devices = {p.device.type for g in self.param_groups for p in g["params"]}
         self._ops = resolve_param_backend(backend, devices)
+        for ops in (self._ops, getattr(self._ops, "_torch", None)):
+            if ops is not None and hasattr(ops, "capturable"):
+                ops.capturable = capturable
         self._step_hooks: list[StepHooks] = []
         self.steps = 0
-        self.skipped_steps = 0
-        self.last_step_skipped = False
+        self._skipped = 0
+        self._skipped_on_device: Optional[Tensor] = None
+        self._last_skipped: Any = False
         self._phase = _IDLE
         # (params, their g_h): two lists, since hashing a tensor is a Python call (Tensor.__hash__).
         self._head_grads: tuple[list[Tensor], list[Tensor]] = ([], [])
@@ -189,6 +212,13 @@ class ImbSAM(Optimizer):
             f"base_optimizer must be a torch.optim.Optimizer class or instance, got {type(base_optimizer).__name__}"
         )
 
+    def _make_base_capturable(self) -> None:
+        """Groups of a base optimizer with a ``capturable`` option take it, where their parameters are on an
+        accelerator (torch's capturable optimizers refuse CPU tensors; the CPU path needs it not)."""
+        for group in self.param_groups:
+            if "capturable" in group and all(p.device.type != "cpu" for p in group["params"]):
+                group["capturable"] = True
+
     def _fill_rho(self) -> None:
         """Every group gets ``rho`` and ``adaptive`` (the defaults where it has none), checked."""
         for group in self.param_groups:
@@ -201,6 +231,29 @@ class ImbSAM(Optimizer):
         # Presets with no head part (SAM) or no tail part (plain training) skip the passes they do not need.
         self._has_head = weights is None or bool((weights.head != 0).any())
         self._has_tail = weights is None or bool((weights.tail != 0).any())
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose base step was skipped (with ``capturable=True``, read from the device now)."""
+        extra = 0 if self._skipped_on_device is None else int(self._skipped_on_device)
+        return self._skipped + extra
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped, self._skipped_on_device = int(value), None
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last step's base step was skipped (a read from the device with ``capturable=True``)."""
+        return bool(self._last_skipped)
+
+    @last_step_skipped.setter
+    def last_step_skipped(self, value: Any) -> None:
+        self._last_skipped = value
+
+    def _count_on_device(self, found: Tensor) -> None:
+        self._skipped_on_device = found.clone() if self._skipped_on_device is None else self._skipped_on_device + found
+        self._last_skipped = found
 
     @property
     def mode(self) -> str:
@@ -293,6 +346,14 @@ class ImbSAM(Optimizer):
         self._opt_called = True
         self.steps += 1
         tail_norm, self._tail_norm = self._tail_norm, None
+        if self.capturable and self.nonfinite != "none":
+            found = nonfinite_flag(self._update_norm(), tail_norm)
+            apply_fused_sgd(self, plan, skip=found)
+            self._restore_bn_where(found)
+            self._count_on_device(found)
+            if zero_grad:
+                _clear_grads(self.param_groups)
+            return
         if self.nonfinite != "none" and not _finite(self._update_norm(), tail_norm):
             self._ops.restore_(perturbed)
             self._skip()
@@ -320,6 +381,15 @@ class ImbSAM(Optimizer):
             assert total is not None
             self._clip(total)
         tail_norm, self._tail_norm = self._tail_norm, None
+        if self.capturable and (check or scaled is not None):
+            found = scaled.found_flag(self) if scaled is not None else nonfinite_flag(total, tail_norm)
+            masked_base_step(self.base_optimizer, [p for g in self.param_groups for p in g["params"]
+                                                   if p.grad is not None], found)
+            self._restore_bn_where(found)
+            self._count_on_device(found)
+            if zero_grad:
+                _clear_grads(self.param_groups)
+            return
         if scaled is not None:
             if scaled.found_inf(self):
                 self._skip()
@@ -332,6 +402,12 @@ class ImbSAM(Optimizer):
         self.base_optimizer.step()
         if zero_grad:
             _clear_grads(self.param_groups)
+
+    def _restore_bn_where(self, found: Tensor) -> None:
+        """BatchNorm buffers back to the step's snapshot where ``found`` is set (on the device)."""
+        backup, self._bn_backup = self._bn_backup, None
+        if backup is not None:
+            restore_where(backup.buffers, backup.saved, found)
 
     def _local_grads(self) -> list[list[Tensor]]:
         """The gradients in ``.grad`` (local shards under FSDP2), one list per device and dtype."""
@@ -480,7 +556,8 @@ class ImbSAM(Optimizer):
         if on_device is None:
             weights = self.class_weights.to(targets.device)
             on_device = self._weights_on[targets.device] = (weights, weights.table())
-        return sample_weights(on_device[0], targets, self.ignore_index, self._weights_source, table=on_device[1])
+        return sample_weights(on_device[0], targets, self.ignore_index, self._weights_source, table=on_device[1],
+                              device_check=self.capturable)
 
     @torch.no_grad()
     def _abort(self) -> None:

@@ -174,16 +174,17 @@ def focal_sam_weights(class_counts: CountsLike, lam: float = 1.0, gamma: float =
 
 def sample_weights(
     weights: ClassWeights, targets: torch.Tensor, ignore_index: int = -100, source: str = "class weights",
-    table: torch.Tensor | None = None,
+    table: torch.Tensor | None = None, device_check: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample weights ``(a[y_i], b[y_i])``; samples with ``y_i == ignore_index`` get 0.
 
     Labels outside ``[0, C)`` (other than ``ignore_index``) raise ``ValueError`` on
     CPU; on an accelerator they trip a device-side assert, so no host sync is made.
-    ``table`` is :meth:`ClassWeights.table` on the targets' device, when the caller keeps one.
+    ``table`` is :meth:`ClassWeights.table` on the targets' device, when the caller keeps one;
+    ``device_check`` asserts on the device on the CPU too (no value read back).
     """
     check_targets(targets)
-    idx = class_index(targets, weights.num_classes, ignore_index, source)
+    idx = class_index(targets, weights.num_classes, ignore_index, source, device_check)
     if table is None:
         table = weights.to(targets.device).table()
     rows = table[idx]

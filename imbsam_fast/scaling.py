@@ -75,6 +75,14 @@ class ScaledStep(StepHooks):
         for device, flag in found.items():
             found[device] = self.sync.any_flag(flag)
 
+    def found_flag(self, opt: ImbSAM) -> Tensor:
+        """Non-zero when any pass of this step saw an inf or NaN: a 0-dim tensor, no host read."""
+        flags = list(self._found_per_device(opt).values())
+        total = flags[0].clone()
+        for f in flags[1:]:
+            total += f.to(total.device)
+        return total
+
     def found_inf(self, opt: ImbSAM) -> bool:
         """Whether any pass of this step saw an inf or NaN (one host read, as ``GradScaler.step`` does)."""
         return bool(sum(v.item() for v in self._found_per_device(opt).values()))

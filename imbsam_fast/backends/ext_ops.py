@@ -87,7 +87,7 @@ class ExtParamOps:
             else:
                 from .torch_ops import perturb_bucket_
 
-                perturb_bucket_(b, (b.rho / (total.sqrt() + EPS)).to(b.device))
+                perturb_bucket_(b, (b.rho / (total.sqrt() + EPS)).to(b.device), capturable=True)
         return total.sqrt()
 
     def restore_(self, buckets: list[Bucket]) -> None:
@@ -100,8 +100,9 @@ class ExtParamOps:
 
     def restore_sgd_(self, params: list[Tensor], backups: list[Tensor], grads: list[Tensor],
                      buffers: list[Tensor], lr: float, momentum: float, dampening: float, weight_decay: float,
-                     nesterov: bool, maximize: bool) -> None:
+                     nesterov: bool, maximize: bool, skip: Optional[Tensor] = None) -> None:
         """``w <- backup``, then ``torch.optim.SGD``'s update with these options, in one pass (the caller
-        checks that the lists are covered and the momentum buffers exist)."""
+        checks that the lists are covered and the momentum buffers exist); only the restore where the
+        device-side flag ``skip`` is set."""
         self._ops.restore_sgd_(params, backups, grads, buffers, lr, momentum, dampening, weight_decay, nesterov,
-                               maximize)
+                               maximize, skip)

@@ -22,6 +22,8 @@ class TorchParamOps:
 
     def __init__(self) -> None:
         self.fallbacks: set[str] = set()
+        self.capturable = False
+        """No value read back, even of a CPU scalar (the optimizer's ``capturable=True``)."""
 
     def sq_norm(self, grads: list[Tensor]) -> Tensor:
         """``s = sum_j ||g_j||_2^2`` as a 0-dim tensor, accumulated in fp32 (fp64 for fp64 tensors)."""
@@ -52,7 +54,7 @@ class TorchParamOps:
                 scales[key] = (b.rho / (norm + EPS)).to(b.device, non_blocking=True)
             if mag is not None:
                 torch._foreach_mul_(b.grads, mag)
-            perturb_bucket_(b, scales[key])
+            perturb_bucket_(b, scales[key], self.capturable)
         return norm
 
     def restore_(self, buckets: list[Bucket]) -> None:
@@ -70,10 +72,10 @@ def _scale_adaptive_(b: Bucket) -> list[Tensor] | None:
     return magnitude
 
 
-def perturb_bucket_(b: Bucket, scale: Tensor) -> None:
+def perturb_bucket_(b: Bucket, scale: Tensor, capturable: bool = False) -> None:
     """``backup <- w``; ``w <- w + s * g`` for one bucket, ``s`` a 0-dim tensor on its device."""
     torch._foreach_copy_(b.backups, b.params)
-    if scale.device.type == "cpu" and b.dtype in (torch.float32, torch.float64):
+    if scale.device.type == "cpu" and b.dtype in (torch.float32, torch.float64) and not capturable:
         # Reading a CPU scalar is no device sync; it lets one fused pass (w + s * g)
         # replace two (g * s, then w + e). Half types keep the two passes: their
         # alpha must fit the dtype, and s = rho / 1e-16 for a zero gradient does not.

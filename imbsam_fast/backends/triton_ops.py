@@ -111,7 +111,7 @@ class TritonParamOps:
                                          self._tables, self._cfg)
             else:
                 norm = on_device[b.device].sqrt()
-                perturb_bucket_(b, b.rho / (norm + EPS))
+                perturb_bucket_(b, b.rho / (norm + EPS), capturable=True)
         return total.sqrt()
 
     def restore_(self, buckets: list[Bucket]) -> None:

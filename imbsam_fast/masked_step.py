@@ -1,0 +1,47 @@
+"""The base step of ``capturable=True``: taken always, undone on the device when a flag says so.
+
+With ``found`` a 0-dim tensor (non-zero: an inf or NaN was seen), the step leaves every tensor as
+``where(found, before, after)``: the parameters, and the base optimizer's state tensors (state
+created by this very step, such as a first momentum buffer, becomes zeros, which is what SGD with
+no dampening and Adam start from). No value is read back, so the step can be captured in a CUDA
+graph; the cost is one copy of the parameters and of the state before the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["masked_base_step", "restore_where", "nonfinite_flag"]
+
+
+def nonfinite_flag(total: Tensor, tail: Tensor | None) -> Tensor:
+    """``1.0`` when the update's norm or the tail gradient's norm is not finite, else ``0.0`` (0-dim, on the device)."""
+    value = total if tail is None else total + tail.to(total.device)
+    return (~torch.isfinite(value)).to(torch.float32)
+
+
+def restore_where(tensors: list[Tensor], saved: list[Tensor], found: Tensor) -> None:
+    """``t <- saved`` where ``found`` is set, on the device."""
+    keep = found.to(device=tensors[0].device) != 0 if tensors else found
+    for t, s in zip(tensors, saved):
+        t.copy_(torch.where(keep, s, t))
+
+
+@torch.no_grad()
+def masked_base_step(base: Optimizer, params: list[Tensor], found: Tensor) -> None:
+    """``base.step()``, then every parameter and state tensor back to its value before when ``found`` is set."""
+    state: Any = base.state
+    before_params = [p.detach().clone() for p in params]
+    before_state = [{k: v.clone() for k, v in state[p].items() if isinstance(v, Tensor)} if p in state else {}
+                    for p in params]
+    base.step()
+    restore_where([p.detach() for p in params], before_params, found)
+    for p, saved in zip(params, before_state):
+        for key, value in state[p].items():
+            if isinstance(value, Tensor):
+                old = saved.get(key)
+                restore_where([value], [old if old is not None else torch.zeros_like(value)], found)
