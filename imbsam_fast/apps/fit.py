@@ -149,6 +149,7 @@ def fit(optimizer: str, model_fn: Callable[[], nn.Module], train_set: Dataset, t
     net.train()
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         sampler.set_epoch(epoch)
+        epoch_losses: list[torch.Tensor] = []  # on the device: read back once per epoch, not once per step
         for x, y in loader:
             x, y = _prepare(x.to(device, non_blocking=True), cfg), y.to(device, non_blocking=True)
             closure = _closure(net, x, y, loss_fn, epoch, cfg, device)
@@ -160,16 +161,18 @@ def fit(optimizer: str, model_fn: Callable[[], nn.Module], train_set: Dataset, t
                                 micro_batches=cfg.micro_batches).per_sample.mean()
                 scaler.update()
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize()  # the table reports step time, which needs the step to have finished
             state["step_time"] += time.perf_counter() - t0
             state["steps"] += 1
-            state["losses"].append(loss.detach().float().cpu())
+            epoch_losses.append(loss.detach().float())
             if per_batch:
                 sched.step()
             if bar is not None:
                 bar.update(1)
         if not per_batch:
             sched.step()
+        if epoch_losses:
+            state["losses"].extend(torch.stack(epoch_losses).cpu().unbind())
         state["epoch"] = epoch
         if checkpoint is not None and procs.main:
             _save(checkpoint, model, opt, sched, scaler, state)
