@@ -15,16 +15,16 @@ import torch
 from torch import Tensor
 
 from .buckets import EPS, Bucket, SqNormReduce, sum_sq_norms
+from .coverage import ListCoverage
 from .extension import BUILD_HINT, ext_error, load_extension
-from .torch_ops import TorchParamOps
+from .torch_ops import TorchParamOps, perturb_bucket_
 
 __all__ = ["ExtParamOps"]
 
 _COVERED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_is_contiguous = torch.Tensor.is_contiguous
 
 
-class ExtParamOps:
+class ExtParamOps(ListCoverage):
     """Norm / perturb / restore (and a fused restore + SGD step) through the extension's ops."""
 
     name = "ext"
@@ -38,25 +38,12 @@ class ExtParamOps:
         has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
         self._devices = {d for d in ("cpu", "cuda") if has_kernel("imbsam_fast::sq_norm", d.upper())}
 
-    def _why_not(self, lists: tuple[list[Tensor], ...]) -> Optional[str]:
-        first = lists[0][0]
+    def _why_not_first(self, first: Tensor) -> Optional[str]:
         if first.device.type not in self._devices:
             return f"{first.device.type} tensors"
         if first.dtype not in _COVERED:
             return str(first.dtype)
-        for ts in lists:
-            if ts[0].device != first.device or ts[0].dtype != first.dtype:
-                return "mixed devices or dtypes"
-            if not all(map(_is_contiguous, ts)):
-                return "non-contiguous tensors"
         return None
-
-    def covers(self, *lists: list[Tensor]) -> bool:
-        """Whether the ops handle these parallel lists; records the reason in ``fallbacks`` when not."""
-        why = self._why_not(lists)
-        if why is not None:
-            self.fallbacks.add(why)
-        return why is None
 
     def sq_norm(self, grads: list[Tensor]) -> Tensor:
         """``sum_j ||g_j||_2^2`` (fp32, fp64 for fp64 tensors)."""
@@ -85,8 +72,6 @@ class ExtParamOps:
             if self.covers(b.params, b.grads, b.backups):
                 self._ops.perturb_(b.params, b.grads, b.backups, total, b.rho, EPS)
             else:
-                from .torch_ops import perturb_bucket_
-
                 perturb_bucket_(b, (b.rho / (total.sqrt() + EPS)).to(b.device), capturable=True)
         return total.sqrt()
 

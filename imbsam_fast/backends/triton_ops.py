@@ -16,15 +16,13 @@ import torch
 from torch import Tensor
 
 from .buckets import EPS, Bucket, SqNormReduce
+from .coverage import ListCoverage
 from .kernels import interpreting, load_kernels
 from .torch_ops import TorchParamOps, perturb_bucket_
 
 __all__ = ["TritonParamOps"]
 
-_is_contiguous = torch.Tensor.is_contiguous
-
-
-class TritonParamOps:
+class TritonParamOps(ListCoverage):
     """Norm / perturb / restore through the kernels in ``imbsam_fast.kernels``.
 
     ``launch`` is the multi-tensor launch configuration (``LaunchConfig``;
@@ -41,33 +39,12 @@ class TritonParamOps:
         self._torch = TorchParamOps()
         self.fallbacks: set[str] = set()
 
-    def _why_not(self, lists: tuple[list[Tensor], ...]) -> Optional[str]:
-        """``None`` when the kernels handle these parallel lists, else why the torch ops must.
-
-        Within a list, tensors share device and dtype: the optimizer buckets
-        parameters that way, autograd gives each gradient its parameter's
-        device and dtype, and backups are made with ``empty_like``. So only the
-        first tensor of each list is inspected for those, and every tensor for
-        contiguity.
-        """
-        first = lists[0][0]
+    def _why_not_first(self, first: Tensor) -> Optional[str]:
         if self._k.multi_tensor.triton_dtype(first.dtype) is None:
             return str(first.dtype)
         if first.device.type == "cpu" and not interpreting():
             return "cpu tensors"
-        for ts in lists:
-            if ts[0].device != first.device or ts[0].dtype != first.dtype:
-                return "mixed devices or dtypes"
-            if not all(map(_is_contiguous, ts)):
-                return "non-contiguous tensors"
         return None
-
-    def covers(self, *lists: list[Tensor]) -> bool:
-        """Whether the kernels handle these parallel lists; records the reason in ``fallbacks`` when not."""
-        why = self._why_not(lists)
-        if why is not None:
-            self.fallbacks.add(why)
-        return why is None
 
     def sq_norm(self, grads: list[Tensor]) -> Tensor:
         """``sum_j ||g_j||_2^2`` as a 0-dim fp32 tensor on the gradients' device."""
