@@ -22,39 +22,24 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..optimizer import ImbSAM
-from ..priors import tail_class_mask
 from .lt_losses import make_loss
-from .training import OPTIMIZERS, RunResult, class_weights_for, split_accuracy
+from .training import OPTIMIZERS, RunResult, TrainConfig, make_optimizer, prepare_images, progress_bar, split_accuracy
 
 __all__ = ["FitConfig", "Processes", "fit"]
 
 
 @dataclass
-class FitConfig:
-    """Hyper-parameters of one run of :func:`fit`."""
+class FitConfig(TrainConfig):
+    """Hyper-parameters of one run of :func:`fit`: those of ``TrainConfig`` (whose ``augment`` it does not
+    use: the datasets augment per item), and the options of training at scale."""
 
     epochs: int = 200
-    batch_size: int = 64
     lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-3
-    rho: float = 0.05
-    eta: float = 20
-    tail_weight: float = 2.0
-    loss: str = "ce"
-    drw_epoch: Optional[int] = None
     schedule: str = "batch"
     workers: int = 2
     micro_batches: int = 1
     fp16: bool = False
-    bf16: bool = False
     max_grad_norm: Optional[float] = None
-    many: float = 100
-    few: float = 20
-    device: str = "cpu"
-    normalize: Optional[tuple[list[float], list[float]]] = None
-    progress: bool = False
 
 
 @dataclass
@@ -88,15 +73,6 @@ class Processes:
             dist.barrier()
 
 
-def _prepare(x: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
-    if x.dtype == torch.uint8:
-        x = x.float().div_(255.0)
-    if cfg.normalize is not None:
-        mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in cfg.normalize)
-        x = (x - mean) / std
-    return x
-
-
 def _autocast(cfg: FitConfig, device: torch.device):
     dtype = torch.float16 if cfg.fp16 else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype, enabled=cfg.fp16 or cfg.bf16)
@@ -120,16 +96,8 @@ def fit(optimizer: str, model_fn: Callable[[], nn.Module], train_set: Dataset, t
     if procs.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = make_loss(cfg.loss, class_counts)
-    sgd_kw = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **sgd_kw)
-    else:
-        weights = class_weights_for(optimizer, class_counts)
-        spec = (dict(tail_mask=tail_class_mask(class_counts, cfg.eta), tail_weight=cfg.tail_weight)
-                if weights is None else dict(class_weights=weights))
-        fast = dict(mode="fast") if optimizer == "imbsam-fast" else {}
-        opt = ImbSAM(model.parameters(), torch.optim.SGD, rho=cfg.rho, model=net, max_grad_norm=cfg.max_grad_norm,
-                     **spec, **fast, **sgd_kw)
+    options = {} if optimizer == "sgd" else dict(max_grad_norm=cfg.max_grad_norm)
+    opt = make_optimizer(optimizer, model, class_counts, cfg, forward_module=net, **options)
     sampler = DistributedSampler(train_set, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=seed,
                                  drop_last=True)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
@@ -144,14 +112,14 @@ def fit(optimizer: str, model_fn: Callable[[], nn.Module], train_set: Dataset, t
     state = {"epoch": -1, "step_time": 0.0, "steps": 0, "losses": []}
     if resume and checkpoint is not None and checkpoint.is_file():
         state = _load(checkpoint, model, opt, sched, scaler, device)
-    bar = _progress(cfg.epochs * steps_per_epoch, f"{optimizer} seed {seed}", cfg.progress and procs.main,
+    bar = progress_bar(cfg.epochs * steps_per_epoch, f"{optimizer} seed {seed}", cfg.progress and procs.main,
                     initial=(state["epoch"] + 1) * steps_per_epoch)
     net.train()
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         sampler.set_epoch(epoch)
         epoch_losses: list[torch.Tensor] = []  # on the device: read back once per epoch, not once per step
         for x, y in loader:
-            x, y = _prepare(x.to(device, non_blocking=True), cfg), y.to(device, non_blocking=True)
+            x, y = prepare_images(x.to(device, non_blocking=True), cfg), y.to(device, non_blocking=True)
             closure = _closure(net, x, y, loss_fn, epoch, cfg, device)
             t0 = time.perf_counter()
             if optimizer == "sgd":
@@ -246,18 +214,9 @@ def evaluate_loader(model: nn.Module, test_set: Dataset, class_counts: list[int]
     total = torch.zeros(c, dtype=torch.int64)
     for x, y in DataLoader(test_set, batch_size=256, num_workers=cfg.workers):
         with _autocast(cfg, device):
-            pred = model(_prepare(x.to(device), cfg)).argmax(1).cpu()
+            pred = model(prepare_images(x.to(device), cfg)).argmax(1).cpu()
         correct += torch.bincount(y[pred == y], minlength=c)
         total += torch.bincount(y, minlength=c)
     model.train(was_training)
     acc = (correct.double() / total.clamp_min(1).double() * 100).tolist()
     return acc, split_accuracy(correct, total, class_counts, cfg.many, cfg.few)
-
-
-def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, unit="step")
-

@@ -16,8 +16,8 @@ from ..priors import ClassWeights, focal_sam_weights, plain_weights, sam_weights
 from .data.digits import LongTailSplit
 from .lt_losses import make_loss
 
-__all__ = ["OPTIMIZERS", "RunResult", "TrainConfig", "class_weights_for", "train_classifier", "train_on_split",
-           "split_accuracy", "evaluate"]
+__all__ = ["OPTIMIZERS", "RunResult", "TrainConfig", "class_weights_for", "make_optimizer", "prepare_images",
+           "progress_bar", "train_classifier", "train_on_split", "split_accuracy", "evaluate"]
 
 OPTIMIZERS = ("sgd", "sam", "imbsam", "imbsam-fast", "focal-sam")
 
@@ -89,7 +89,24 @@ def class_weights_for(name: str, class_counts: list[int], focal_lam: float = 1.0
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
-def _prepare(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def make_optimizer(name: str, model: nn.Module, class_counts: list[int], cfg: TrainConfig,
+                   forward_module: Optional[nn.Module] = None, **options) -> torch.optim.Optimizer:
+    """``torch.optim.SGD`` for ``"sgd"``; else :class:`ImbSAM` over SGD with ``name``'s class-weight preset
+    (fast mode for ``"imbsam-fast"``), ``model=`` the module the closure calls (``forward_module``, e.g. a
+    DDP wrapper; ``model`` by default) and any further ImbSAM ``options``."""
+    sgd_kw = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), **sgd_kw)
+    weights = class_weights_for(name, class_counts, cfg.focal_lam, cfg.focal_gamma)
+    spec = (dict(tail_mask=tail_class_mask(class_counts, cfg.eta), tail_weight=cfg.tail_weight) if weights is None
+            else dict(class_weights=weights))
+    fast = dict(mode="fast", fast_bn=cfg.fast_bn) if name == "imbsam-fast" else {}
+    closure_module = model if forward_module is None else forward_module
+    return ImbSAM(model.parameters(), torch.optim.SGD, rho=cfg.rho, model=closure_module, **spec, **fast, **options,
+                  **sgd_kw)
+
+
+def prepare_images(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     """uint8 images to float in [0, 1], then the optional per-channel normalization."""
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
@@ -115,21 +132,13 @@ def train_on_split(optimizer: str, model_fn: Callable[[], nn.Module], split: Lon
     counts = split.class_counts
     loss_fn = make_loss(cfg.loss, counts)
     x_train, y_train = split.x_train.to(device), split.y_train.to(device)
-    sgd_kw = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **sgd_kw)
-    else:
-        weights = class_weights_for(optimizer, counts, cfg.focal_lam, cfg.focal_gamma)
-        spec = (dict(tail_mask=tail_class_mask(counts, cfg.eta), tail_weight=cfg.tail_weight) if weights is None
-                else dict(class_weights=weights))
-        fast = dict(mode="fast", fast_bn=cfg.fast_bn) if optimizer == "imbsam-fast" else {}
-        opt = ImbSAM(model.parameters(), torch.optim.SGD, rho=cfg.rho, model=model, **spec, **fast, **sgd_kw)
+    opt = make_optimizer(optimizer, model, counts, cfg)
     steps_per_epoch = max(1, math.ceil(len(y_train) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
     step_time, steps, losses = 0.0, 0, []
     model.train()
-    bar = _progress(cfg.epochs * steps_per_epoch, f"{optimizer} seed {seed}", cfg.progress)
+    bar = progress_bar(cfg.epochs * steps_per_epoch, f"{optimizer} seed {seed}", cfg.progress)
     for epoch in range(cfg.epochs):
         perm = torch.randperm(len(y_train), generator=gen).to(device)
         for i in range(0, len(perm), cfg.batch_size):
@@ -139,7 +148,7 @@ def train_on_split(optimizer: str, model_fn: Callable[[], nn.Module], split: Lon
             x, y = x_train[idx], y_train[idx]
             if cfg.augment is not None:
                 x = cfg.augment(x, gen)
-            x = _prepare(x, cfg)
+            x = prepare_images(x, cfg)
             closure = _closure(model, x, y, loss_fn, epoch, cfg)
             t0 = time.perf_counter()
             if optimizer == "sgd":
@@ -176,7 +185,7 @@ def train_classifier(
 
 
 def _prepare_all(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    return torch.cat([_prepare(x[i : i + 1024], cfg) for i in range(0, len(x), 1024)]) if len(x) else x.float()
+    return torch.cat([prepare_images(x[i : i + 1024], cfg) for i in range(0, len(x), 1024)]) if len(x) else x.float()
 
 
 def _closure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, epoch: int, cfg: TrainConfig):
@@ -192,12 +201,13 @@ def _closure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, epoch:
     return closure
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    """A tqdm bar over steps, or ``None`` when ``enabled`` is false."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, unit="step")
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, unit="step")
 
 
 @torch.no_grad()
