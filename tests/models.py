@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -41,3 +42,31 @@ def vector_batches(steps: int, batch: int = 16, in_dim: int = 16, num_classes: i
         (torch.randn(batch, in_dim, generator=g), torch.randint(0, num_classes, (batch,), generator=g))
         for _ in range(steps)
     ]
+
+
+def seeded_mlp(seed: int = 0, **kwargs) -> nn.Module:
+    """:func:`mlp` with its weights drawn after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return mlp(**kwargs)
+
+
+def per_sample_closure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, calls: list | None = None):
+    """The closure ImbSAM calls: per-sample cross-entropy of the batch, or of the samples ``index`` picks;
+    each call's index (``None`` for the whole batch) is appended to ``calls`` when given."""
+
+    def closure(index=None):
+        if calls is not None:
+            calls.append(None if index is None else index.clone())
+        xs, ys = (x, y) if index is None else (x[index], y[index])
+        return F.cross_entropy(model(xs), ys, reduction="none")
+
+    return closure
+
+
+def tail_batches(tail_counts: list[int], batch: int = 16, seed: int = 0):
+    """:func:`vector_batches` whose labels hold ``tail_counts[i]`` tail samples (classes 7-9) in batch ``i``."""
+    out = vector_batches(len(tail_counts), batch=batch, seed=seed)
+    for (_, y), n in zip(out, tail_counts):
+        y.clamp_(max=6)
+        y[:n] = 7 + torch.arange(n) % 3
+    return out

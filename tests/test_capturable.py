@@ -8,18 +8,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from models import mlp as _mlp
-from models import small_cnn, vector_batches
+from models import per_sample_closure as closure_of
+from models import seeded_mlp as mlp
+from models import small_cnn
+from models import tail_batches as batches
 
 from imbsam_fast import ImbSAM
 
 TAIL = torch.tensor([False] * 7 + [True] * 3)
 READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "nonzero")
-
-
-def mlp():
-    torch.manual_seed(0)
-    return _mlp()
 
 
 class SyncDetector:
@@ -49,22 +46,6 @@ class SyncDetector:
         for name, fn in self.saved.items():
             setattr(torch.Tensor, name, fn)
         torch.nonzero = self.nonzero
-
-
-def batches(tail_counts, batch=16, seed=0):
-    out = vector_batches(len(tail_counts), batch=batch, seed=seed)
-    for (_, y), n in zip(out, tail_counts):
-        y.clamp_(max=6)
-        y[:n] = 7 + torch.arange(n) % 3
-    return out
-
-
-def closure_of(model, x, y):
-    def closure(index=None):
-        xs, ys = (x, y) if index is None else (x[index], y[index])
-        return F.cross_entropy(model(xs), ys, reduction="none")
-
-    return closure
 
 
 @pytest.mark.parametrize("backend", ["torch", "ext"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from models import image_batches, mlp, small_cnn, vector_batches
+from models import per_sample_closure as _closure
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -14,16 +15,6 @@ from imbsam_fast.batchnorm import BatchNormStats
 
 TAIL = torch.tensor([False] * 7 + [True] * 3)
 KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
-
-
-def _closure(model, x, y, calls=None):
-    def closure(index=None):
-        if calls is not None:
-            calls.append(None if index is None else index.clone())
-        xs, ys = (x, y) if index is None else (x[index], y[index])
-        return F.cross_entropy(model(xs), ys, reduction="none")
-
-    return closure
 
 
 def _pair(model, mask=TAIL, **extra):

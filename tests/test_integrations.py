@@ -6,19 +6,14 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
-from models import mlp as _mlp
+from models import per_sample_closure as closure_of
+from models import seeded_mlp as mlp
 from models import vector_batches
 
 from imbsam_fast import ImbSAM
 
 TAIL = torch.tensor([False] * 7 + [True] * 3)
 STEPS = 4
-
-
-def mlp():
-    torch.manual_seed(0)
-    return _mlp()
 
 
 def data():
@@ -28,14 +23,6 @@ def data():
         if i != 2:
             y[i] = 8
     return out
-
-
-def closure_of(model, x, y):
-    def closure(index=None):
-        xs, ys = (x, y) if index is None else (x[index], y[index])
-        return F.cross_entropy(model(xs), ys, reduction="none")
-
-    return closure
 
 
 def plain_loop(mode, model=None, forward=None):
@@ -88,7 +75,7 @@ def test_compiled_model_trains_like_the_eager_one(mode, batchnorm):
 
     def run(compiled):
         torch.manual_seed(0)
-        model = small_cnn(10) if batchnorm else _mlp()
+        model = small_cnn(10) if batchnorm else mlp()
         forward = torch.compile(model) if compiled else model
         opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, tail_mask=TAIL, mode=mode,
                      model=model)

@@ -7,22 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from models import mlp, small_cnn, vector_batches
+from models import per_sample_closure as _closure
 from torch import nn
 
 from imbsam_fast import ImbSAM, StepHooks, imbsam_weights, sam_weights
 
 TAIL = torch.tensor([False] * 7 + [True] * 3)
 KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
-
-
-def _closure(model, x, y, calls=None):
-    def closure(index=None):
-        if calls is not None:
-            calls.append(index)
-        xs, ys = (x, y) if index is None else (x[index], y[index])
-        return F.cross_entropy(model(xs), ys, reduction="none")
-
-    return closure
 
 
 def _state(model):

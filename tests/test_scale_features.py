@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from models import mlp as _mlp
+from models import per_sample_closure as closure_of
+from models import seeded_mlp as mlp
 from models import small_cnn, vector_batches
 from torch import nn
 
@@ -17,21 +18,6 @@ from imbsam_fast.priors import imbsam_weights, sample_weights
 
 TAIL = torch.tensor([False] * 7 + [True] * 3)
 RHO, LR = 0.05, 0.1
-
-
-def mlp():
-    torch.manual_seed(0)
-    return _mlp()
-
-
-def closure_of(model, x, y, calls=None):
-    def closure(index=None):
-        if calls is not None:
-            calls.append(None if index is None else index.clone())
-        xs, ys = (x, y) if index is None else (x[index], y[index])
-        return F.cross_entropy(model(xs), ys, reduction="none")
-
-    return closure
 
 
 def batches(steps=6, batch=16, seed=0):

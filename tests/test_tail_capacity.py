@@ -4,37 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from models import mlp as _mlp
-from models import small_cnn, vector_batches
+from models import per_sample_closure as closure_of
+from models import seeded_mlp as mlp
+from models import small_cnn
+from models import tail_batches as batches
 
 from imbsam_fast import ImbSAM
 from imbsam_fast.schedules.fast import fixed_tail_index
 
 TAIL = torch.tensor([False] * 7 + [True] * 3)
-
-
-def mlp():
-    torch.manual_seed(0)
-    return _mlp()
-
-
-def batches(tail_counts, batch=16, seed=0):
-    out = vector_batches(len(tail_counts), batch=batch, seed=seed)
-    for (_, y), n in zip(out, tail_counts):
-        y.clamp_(max=6)
-        y[:n] = 7 + torch.arange(n) % 3
-    return out
-
-
-def closure_of(model, x, y, calls=None):
-    def closure(index=None):
-        if calls is not None:
-            calls.append(None if index is None else index.shape[0])
-        xs, ys = (x, y) if index is None else (x[index], y[index])
-        return F.cross_entropy(model(xs), ys, reduction="none")
-
-    return closure
 
 
 def train(data, **options):
@@ -48,7 +26,7 @@ def train(data, **options):
 
 def test_every_tail_pass_has_k_samples_whatever_the_tail_count():
     _, calls = train(batches([0, 1, 3, 5, 9, 16]), mode="fast", tail_capacity=5)
-    sizes = [c for c in calls if c is not None]
+    sizes = [c.shape[0] for c in calls if c is not None]
     assert sizes == [5] * 12, "two tail passes of 5 samples per batch, tail-free and over-full batches included"
 
 
