@@ -198,7 +198,8 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
   const auto chunks = chunk_table(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "imbsam_fast::perturb_", [&] {
     using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    // The same scale as the torch ops: rho / (||g|| + eps) in the norm's precision.
+    // The same scale as the torch ops: rho / (||g|| + eps) in the norm's precision. ``sq`` is a CPU tensor
+    // here (this is the CPU kernel), so reading it is no device sync.
     const opmath_t norm = static_cast<opmath_t>(std::sqrt(sq.item<double>()));
     const opmath_t scale = static_cast<opmath_t>(rho) / (norm + static_cast<opmath_t>(eps));
     for_each_chunk<scalar_t>(chunks, [&](const Chunk& ch) {

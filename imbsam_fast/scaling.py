@@ -85,6 +85,8 @@ class ScaledStep(StepHooks):
 
     def found_inf(self, opt: ImbSAM) -> bool:
         """Whether any pass of this step saw an inf or NaN (one host read, as ``GradScaler.step`` does)."""
+        # The one host read of a scaled step, the same one GradScaler.step makes to decide whether to step;
+        # capturable=True takes found_flag() instead and decides on the device.
         return bool(sum(v.item() for v in self._found_per_device(opt).values()))
 
     def _found_per_device(self, opt: ImbSAM) -> dict[torch.device, Tensor]:

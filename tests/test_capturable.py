@@ -14,8 +14,10 @@ from models import small_cnn
 from models import tail_batches as batches
 
 from imbsam_fast import ImbSAM
+from imbsam_fast.backends.extension import ext_available
 
 TAIL = torch.tensor([False] * 7 + [True] * 3)
+NEEDS_EXT = pytest.mark.skipif(not ext_available(), reason="the C++ extension is not built")
 READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "nonzero")
 
 
@@ -48,14 +50,9 @@ class SyncDetector:
         torch.nonzero = self.nonzero
 
 
-@pytest.mark.parametrize("backend", ["torch", "ext"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("ext", marks=NEEDS_EXT)])
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_no_value_is_read_in_a_capturable_step(mode, backend):
-    if backend == "ext":
-        from imbsam_fast.backends.extension import ext_available
-
-        if not ext_available():
-            pytest.skip("the C++ extension is not built")
     torch.manual_seed(0)
     model = small_cnn(10)
     fast = dict(mode="fast", tail_capacity=6) if mode == "fast" else {}
@@ -101,13 +98,8 @@ def test_capturable_trajectory_equals_the_plain_one(mode):
 
 
 @pytest.mark.parametrize("backend,base", [("torch", torch.optim.SGD), ("torch", torch.optim.Adam),
-                                          ("ext", torch.optim.SGD)])
+                                          pytest.param("ext", torch.optim.SGD, marks=NEEDS_EXT)])
 def test_a_nonfinite_step_is_undone_on_the_device(backend, base):
-    if backend == "ext":
-        from imbsam_fast.backends.extension import ext_available
-
-        if not ext_available():
-            pytest.skip("the C++ extension is not built")
     torch.manual_seed(0)
     model = small_cnn(10)
     kw = dict(lr=0.1, momentum=0.9) if base is torch.optim.SGD else dict(lr=1e-3)
