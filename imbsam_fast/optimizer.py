@@ -349,10 +349,7 @@ class ImbSAM(Optimizer):
         if self.capturable and self.nonfinite != "none":
             found = nonfinite_flag(self._update_norm(), tail_norm)
             apply_fused_sgd(self, plan, skip=found)
-            self._restore_bn_where(found)
-            self._count_on_device(found)
-            if zero_grad:
-                _clear_grads(self.param_groups)
+            self._finish_on_device(found, zero_grad)
             return
         if self.nonfinite != "none" and not _finite(self._update_norm(), tail_norm):
             self._ops.restore_(perturbed)
@@ -385,10 +382,7 @@ class ImbSAM(Optimizer):
             found = scaled.found_flag(self) if scaled is not None else nonfinite_flag(total, tail_norm)
             masked_base_step(self.base_optimizer, [p for g in self.param_groups for p in g["params"]
                                                    if p.grad is not None], found)
-            self._restore_bn_where(found)
-            self._count_on_device(found)
-            if zero_grad:
-                _clear_grads(self.param_groups)
+            self._finish_on_device(found, zero_grad)
             return
         if scaled is not None:
             if scaled.found_inf(self):
@@ -403,11 +397,15 @@ class ImbSAM(Optimizer):
         if zero_grad:
             _clear_grads(self.param_groups)
 
-    def _restore_bn_where(self, found: Tensor) -> None:
-        """BatchNorm buffers back to the step's snapshot where ``found`` is set (on the device)."""
+    def _finish_on_device(self, found: Tensor, zero_grad: bool) -> None:
+        """After a base step that ``found`` may have undone: BatchNorm buffers back to the step's snapshot
+        where it is set, the count kept on the device, gradients cleared."""
         backup, self._bn_backup = self._bn_backup, None
         if backup is not None:
             restore_where(backup.buffers, backup.saved, found)
+        self._count_on_device(found)
+        if zero_grad:
+            _clear_grads(self.param_groups)
 
     def _local_grads(self) -> list[list[Tensor]]:
         """The gradients in ``.grad`` (local shards under FSDP2), one list per device and dtype."""
