@@ -48,7 +48,9 @@ def classify(raw: Path) -> tuple[int, collections.Counter]:
         if not any(f.startswith("ImbSAM.step ") for f in frames):
             continue
         total += n
-        if any(f.startswith(("user_forward ", "backward (torch/_tensor.py")) or "run_backward" in f for f in frames):
+        # py-spy names methods by class ("Tensor.backward"); older releases did not.
+        if any(f.startswith(("user_forward ", "Tensor.backward (", "backward (torch/_tensor.py"))
+               or "run_backward" in f for f in frames):
             counts["forward and backward"] += n
             continue
         base = any(f.startswith(("SGD.step ", "SGD._init_group")) or "_single_tensor_sgd" in f for f in frames)

@@ -29,9 +29,10 @@ sees them again).
 
 from __future__ import annotations
 
+import itertools
 import operator
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["BatchNormStats", "BatchNormSnapshot", "batchnorm_layers"]
+
+_RECORD_HOOK = -1_000_003
+"""The key of :meth:`BatchNormStats.record`'s forward pre-hook (negative: never a handle id torch hands out)."""
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -54,7 +58,7 @@ class BatchNormStats:
         self.layers = batchnorm_layers(model)
         self._stats: dict[_BatchNorm, list[tuple[Tensor, Tensor]]] = {}
         self._per_call: set[_BatchNorm] = set()
-        self._running_copy = _ReusedCopy()
+        self._flat = _FlatStats()
         self._snapshot_copy = _ReusedCopy()
 
     def active(self) -> bool:
@@ -83,9 +87,9 @@ class BatchNormStats:
         Layers that track running statistics with a momentum ``m > 0`` give them
         back for free: ``r_new = (1 - m) r_old + m s`` solves for the batch
         statistic ``s = r_old + (r_new - r_old) / m`` (the running variance holds
-        the unbiased one, rescaled by ``(n - 1) / n``). All such layers are
-        solved together after the forward, a few foreach ops in all; their old
-        running statistics are copied aside before it in one foreach copy.
+        the unbiased one, rescaled by ``(n - 1) / n``). Their running statistics
+        are gathered into one flat vector before the forward and once after it,
+        and solved with three ops for all layers together (:class:`_FlatStats`).
         Other layers (no running statistics, cumulative averaging, or called
         more than once per forward) compute ``var_mean`` of their input.
         """
@@ -93,8 +97,9 @@ class BatchNormStats:
         training = [m for m in self.layers if m.training]
         solved = {m for m in training if _derivable(m) and m not in self._per_call}
         order = [m for m in training if m in solved]
-        old = self._copy_running_stats(order)
-        old_of = {m: (old[2 * i], old[2 * i + 1]) for i, m in enumerate(order)}
+        flat = self._flat.gather(order) if order else None
+        if flat is None:
+            solved.clear()
         calls: dict[_BatchNorm, int] = {}
         sizes: dict[_BatchNorm, int] = {}
 
@@ -110,28 +115,27 @@ class BatchNormStats:
                 # A second call of the same layer: solve its first call now, and go per call from here on.
                 solved.discard(module)
                 self._per_call.add(module)
-                self._stats[module] = [_solve(module, *old_of[module], sizes[module])]
+                assert flat is not None
+                self._stats[module] = [flat.solve_one(module, sizes[module])]
             x = args[0]
             with torch.no_grad():
                 var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
             self._stats.setdefault(module, []).append((mean, var))
 
-        handles = [m.register_forward_pre_hook(pre_hook) for m in training]
+        # One dict entry per layer instead of register_forward_pre_hook's handle objects (this runs every step).
+        for m in training:
+            m._forward_pre_hooks[_RECORD_HOOK] = pre_hook
         try:
             yield
         finally:
-            for h in handles:
-                h.remove()
-        done = [m for m in order if m in solved and m in sizes]
-        if done:
-            for m, stats in zip(done, _solve_all(done, [old_of[m] for m in done], [sizes[m] for m in done])):
-                self._stats[m] = [stats]
-
-    def _copy_running_stats(self, modules: list[_BatchNorm]) -> list[Tensor]:
-        """``[mean_0, var_0, mean_1, ...]`` of ``modules`` copied into buffers reused across steps."""
-        if not modules:
-            return []
-        return self._running_copy.of([t for m in modules for t in _running(m)])
+            for m in training:
+                m._forward_pre_hooks.pop(_RECORD_HOOK, None)
+        if flat is not None and all(m in solved and m in sizes for m in order):
+            self._stats.update(zip(order, flat.solve([sizes[m] for m in order])))
+        elif flat is not None:
+            for m in order:
+                if m in solved and m in sizes:
+                    self._stats[m] = [flat.solve_one(m, sizes[m])]
 
     @contextmanager
     def replay(self) -> Iterator[None]:
@@ -169,20 +173,143 @@ class BatchNormStats:
 
 
 class _ReusedCopy:
-    """``of(tensors)``: a copy of ``tensors`` (one foreach copy) into storage kept across calls, reallocated
-    only when the tensors are not the same objects as last time. A copy is good until the next call."""
+    """``of(tensors)``: a copy of ``tensors`` into storage kept across calls, reallocated only when the
+    tensors are not the same objects as last time. A copy is good until the next call.
+
+    1-D tensors of one device and dtype are copied by one ``cat`` into a flat buffer, 0-dim ones (such
+    as BatchNorm's batch counters) by one ``stack``; the copies handed out are views of those buffers.
+    Anything else takes a foreach copy.
+    """
 
     def __init__(self) -> None:
         self._src: list[Tensor] = []
         self._copies: list[Tensor] = []
+        self._groups: list[tuple[Callable[..., Tensor], list[Tensor], Tensor]] = []
+        self._rest: tuple[list[Tensor], list[Tensor]] = ([], [])
 
     @torch.no_grad()
     def of(self, tensors: list[Tensor]) -> list[Tensor]:
         if len(self._src) != len(tensors) or not all(map(operator.is_, self._src, tensors)):
-            self._copies = [torch.empty_like(t) for t in tensors]
-            self._src = tensors
-        torch._foreach_copy_(self._copies, tensors)
+            self._layout(tensors)
+        for gather, group, flat in self._groups:
+            gather(group, out=flat)
+        if self._rest[0]:
+            torch._foreach_copy_(self._rest[1], self._rest[0])
         return self._copies
+
+    def _layout(self, tensors: list[Tensor]) -> None:
+        by_kind: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_kind.setdefault((t.dim() if t.dim() < 2 else -1, t.device, t.dtype), []).append(i)
+        copies: list[Optional[Tensor]] = [None] * len(tensors)
+        self._groups, rest = [], []
+        for (dim, device, dtype), idx in by_kind.items():
+            group = [tensors[i] for i in idx]
+            if dim == 1:
+                flat = torch.empty(sum(t.numel() for t in group), device=device, dtype=dtype)
+                self._groups.append((torch.cat, group, flat))
+                views = flat.split([t.numel() for t in group])
+            elif dim == 0:
+                flat = torch.empty(len(group), device=device, dtype=dtype)
+                self._groups.append((torch.stack, group, flat))
+                views = flat.unbind(0)
+            else:
+                rest += idx
+                continue
+            for i, v in zip(idx, views):
+                copies[i] = v
+        for i in rest:
+            copies[i] = torch.empty_like(tensors[i])
+        self._rest = ([tensors[i] for i in rest], [copies[i] for i in rest])  # type: ignore[misc]
+        self._copies = copies  # type: ignore[assignment]
+        self._src = tensors
+
+
+class _FlatStats:
+    """The running statistics of the solved layers as one flat vector ``[means..., variances...]``.
+
+    ``gather(layers)`` copies them aside before the forward (one ``cat``); ``solve(sizes)`` after it
+    reads them again and solves every layer's batch statistics at once::
+
+        s = lerp(r_old, r_new, 1 / m)       (= r_old + (r_new - r_old) / m, per element)
+        var_s <- max(var_s * (n - 1) / n, 0)
+
+    Layers must share device and dtype (else ``gather`` returns ``None``: the caller computes the
+    statistics per call instead).
+    """
+
+    def __init__(self) -> None:
+        self._src: list[Tensor] = []
+        self._momenta: tuple[float, ...] = ()
+        self._old = torch.empty(0)
+        self._counts: list[int] = []
+        self._position: dict[_BatchNorm, int] = {}
+        self._inv_m: Any = 1.0
+        self._factors: dict[tuple[int, ...], Tensor] = {}
+
+    @torch.no_grad()
+    def gather(self, layers: list[_BatchNorm]) -> Optional[_FlatStats]:
+        src = [m._buffers["running_mean"] for m in layers] + [m._buffers["running_var"] for m in layers]
+        momenta = tuple(float(m.momentum) for m in layers)  # type: ignore[arg-type]
+        if (len(src) != len(self._src) or not all(map(operator.is_, src, self._src))
+                or momenta != self._momenta):
+            if not self._layout(layers, src, momenta):
+                return None
+        torch.cat(src, out=self._old)
+        return self
+
+    def _layout(self, layers: list[_BatchNorm], src: list[Tensor], momenta: tuple[float, ...]) -> bool:
+        first = src[0]
+        if any(t.device != first.device or t.dtype != first.dtype or t.dim() != 1 for t in src):
+            self._src = []
+            return False
+        self._src, self._momenta = src, momenta
+        self._counts = [t.numel() for t in src]
+        self._position = {m: i for i, m in enumerate(layers)}
+        self._old = torch.empty(sum(self._counts), device=first.device, dtype=first.dtype)
+        self._factors = {}
+        if len(set(momenta)) == 1:
+            self._inv_m = 1.0 / momenta[0]
+        else:
+            inv = torch.tensor([1.0 / m for m in momenta * 2], dtype=first.dtype)
+            self._inv_m = inv.repeat_interleave(torch.tensor(self._counts)).to(first.device)
+        return True
+
+    @torch.no_grad()
+    def solve(self, sizes: list[int]) -> list[list[tuple[Tensor, Tensor]]]:
+        """Per layer ``[(mean, biased var)]`` from the running statistics now and those gathered."""
+        key = tuple(sizes)
+        factor = self._factors.get(key)
+        if factor is None:
+            # Sizes change only with the input shape; the table is small and kept per shape.
+            factor = torch.tensor([(n - 1) / n for n in sizes], dtype=self._old.dtype).repeat_interleave(
+                torch.tensor(self._counts[len(sizes):])).to(self._old.device)
+            self._factors[key] = factor
+        stats = _solved(self._old, torch.cat(self._src), self._inv_m, factor)
+        parts = stats.split(self._counts)
+        layers = len(sizes)
+        return [[(parts[i], parts[layers + i])] for i in range(layers)]
+
+    @torch.no_grad()
+    def solve_one(self, module: _BatchNorm, n: int) -> tuple[Tensor, Tensor]:
+        """``(mean, biased var)`` of one gathered layer (called once more per forward from here on)."""
+        i, layers = self._position[module], len(self._counts) // 2
+        offsets = [0, *itertools.accumulate(self._counts)]
+        old = torch.cat([self._old[offsets[i]:offsets[i + 1]], self._old[offsets[layers + i]:offsets[layers + i + 1]]])
+        mean, var = _running(module)
+        c = mean.numel()
+        factor = torch.full((c,), (n - 1) / n, dtype=old.dtype, device=old.device)
+        stats = _solved(old, torch.cat([mean, var]), 1.0 / float(module.momentum), factor)  # type: ignore[arg-type]
+        return stats[:c], stats[c:]
+
+
+def _solved(old: Tensor, new: Tensor, inv_m: Any, var_factor: Tensor) -> Tensor:
+    """``[means..., vars...]`` of the batch: ``lerp(old, new, 1 / m)``, the variances (the last
+    ``var_factor.numel()`` entries) times ``(n - 1) / n`` and clamped at 0."""
+    stats = torch.lerp(old, new, inv_m)
+    variances = stats[stats.numel() - var_factor.numel():]
+    variances.mul_(var_factor).clamp_min_(0.0)
+    return stats
 
 
 class BatchNormSnapshot:
@@ -212,30 +339,6 @@ def _running(module: _BatchNorm) -> tuple[Tensor, Tensor]:
     """``(running_mean, running_var)`` read from the buffer dict (no ``nn.Module.__getattr__``)."""
     buffers = module._buffers
     return buffers.get("running_mean"), buffers.get("running_var")  # type: ignore[return-value]
-
-
-@torch.no_grad()
-def _solve(module: _BatchNorm, old_mean: Tensor, old_var: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Batch ``(mean, biased var)`` of one layer from its running statistics before and after one update."""
-    return _solve_all([module], [(old_mean, old_var)], [n])[0]
-
-
-@torch.no_grad()
-def _solve_all(modules: list[_BatchNorm], old: list[tuple[Tensor, Tensor]],
-               sizes: list[int]) -> list[tuple[Tensor, Tensor]]:
-    """``s = r_old + (r_new - r_old) / m`` for every layer at once (one ``lerp`` per distinct momentum, in place
-    of the old values); variances rescaled by ``(n - 1) / n``."""
-    by_momentum: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
-    for m, (mean, var) in zip(modules, old):
-        prev, new = by_momentum.setdefault(float(m.momentum), ([], []))
-        prev += (mean, var)
-        new += _running(m)
-    for momentum, (prev, new) in by_momentum.items():
-        torch._foreach_lerp_(prev, new, 1.0 / momentum)
-    variances = [var for _, var in old]
-    torch._foreach_mul_(variances, [(n - 1) / n for n in sizes])
-    torch._foreach_clamp_min_(variances, 0.0)
-    return old
 
 
 def _replaying_forward(module: _BatchNorm, stats: list[tuple[Tensor, Tensor]]):

@@ -31,7 +31,11 @@ FusedSGDPlan = list[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]
 
 def plan_fused_sgd(opt: ImbSAM, buckets: list[Bucket], backup_of: dict[int, tuple[Tensor, int]]
                    ) -> Optional[FusedSGDPlan]:
-    """The fused restore + SGD step of ``opt``'s groups, or ``None`` where it does not apply."""
+    """The fused restore + SGD step of ``opt``'s groups, or ``None`` where it does not apply.
+
+    The per-parameter part of a plan (parameters, backups, momentum buffers) is kept across steps
+    in ``opt._fused_plan`` and reused, with the step's gradients, while it still holds.
+    """
     fused = getattr(opt._ops, "restore_sgd_", None)
     base = opt.base_optimizer
     if fused is None or type(base) is not torch.optim.SGD or opt.max_grad_norm is not None:
@@ -41,9 +45,20 @@ def plan_fused_sgd(opt: ImbSAM, buckets: list[Bucket], backup_of: dict[int, tupl
     if (base._optimizer_step_pre_hooks or base._optimizer_step_post_hooks or _global_optimizer_pre_hooks
             or _global_optimizer_post_hooks or opt._sync.kind == "fsdp2"):
         return None
+    kept: Optional[_KeptPlan] = opt._fused_plan
+    if kept is not None and kept.backup_of is backup_of:
+        plan = kept.refresh(opt)
+        if plan is not None:
+            return plan
+    plan = _plan(opt, buckets, backup_of)
+    opt._fused_plan = None if plan is None else _KeptPlan(plan, backup_of, base.state)
+    return plan
+
+
+def _plan(opt: ImbSAM, buckets: list[Bucket], backup_of: dict[int, tuple[Tensor, int]]) -> Optional[FusedSGDPlan]:
     plan: FusedSGDPlan = []
     covered = 0
-    state_of = base.state.get
+    state_of = opt.base_optimizer.state.get
     backup_and_bucket = backup_of.get
     for group in opt.param_groups:
         if isinstance(group["lr"], Tensor) or group.get("differentiable"):
@@ -77,6 +92,41 @@ def plan_fused_sgd(opt: ImbSAM, buckets: list[Bucket], backup_of: dict[int, tupl
     if covered != sum(len(b.params) for b in buckets):
         return None
     return plan
+
+
+class _KeptPlan:
+    """A plan kept for the next steps: valid while the backup layout, the optimizer state, the set of
+    parameters with a gradient, the momentum buffers and the groups' kinds of options stay as they were."""
+
+    def __init__(self, plan: FusedSGDPlan, backup_of: dict[int, tuple[Tensor, int]], state: Any) -> None:
+        self.plan = plan
+        self.backup_of = backup_of
+        self.state = state
+        self.count = sum(len(entry[0]) for entry in plan)
+
+    def refresh(self, opt: ImbSAM) -> Optional[FusedSGDPlan]:
+        """The plan with this step's gradients, or ``None`` when it no longer holds."""
+        if opt.base_optimizer.state is not self.state:
+            return None
+        if sum(p.grad is not None for group in opt.param_groups for p in group["params"]) != self.count:
+            return None
+        state_of = self.state.get
+        out: FusedSGDPlan = []
+        for params, backups, _, buffers, group in self.plan:
+            if isinstance(group["lr"], Tensor) or group.get("differentiable") or (group["momentum"] != 0) != bool(
+                    buffers):
+                return None
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):
+                return None
+            if buffers and not all(buf is (state_of(p) or {}).get("momentum_buffer")
+                                   for p, buf in zip(params, buffers)):
+                return None
+            # Gradients are new tensors every step, and a parameter's layout can change in place.
+            if opt._ops._why_not((params, grads)) is not None:
+                return None
+            out.append((params, backups, grads, buffers, group))
+        return out
 
 
 def apply_fused_sgd(opt: ImbSAM, plan: FusedSGDPlan, skip: Optional[Tensor] = None) -> None:

@@ -43,6 +43,9 @@ from .schedules import StepLosses, StepRun, check_index_closure, make_schedule
 
 __all__ = ["ImbSAM", "StepLosses", "NONFINITE"]
 
+_group_by_device_and_dtype = torch._C._group_tensors_by_device_and_dtype
+"""torch.optim's own grouping of tensor lists by device and dtype (in C++: no Python loop over the tensors)."""
+
 NONFINITE = ("skip", "raise", "none")
 
 _IDLE, _STASHED, _PERTURBED = "idle", "head gradient stashed", "weights perturbed"
@@ -185,6 +188,7 @@ class ImbSAM(Optimizer):
         self._scaled: Optional[ScaledStep] = None
         self._active_hooks: Optional[list[StepHooks]] = None
         self._restored_bn = False
+        self._fused_plan: Any = None
 
     def _build_base(self, params: Any, base_optimizer: Any, own: dict[str, Any], base_kwargs: dict[str, Any]
                     ) -> Optimizer:
@@ -412,13 +416,9 @@ class ImbSAM(Optimizer):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if self._sync.kind == "fsdp2":
             grads = [local_tensor(g) for g in grads]
-        first = grads[0] if grads else None
-        if first is not None and all(g.device == first.device and g.dtype == first.dtype for g in grads):
-            return [grads]
-        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for g in grads:
-            by_kind.setdefault((g.device, g.dtype), []).append(g)
-        return list(by_kind.values())
+        if not grads:
+            return []
+        return [lists[0] for lists, _ in _group_by_device_and_dtype([grads], False).values()]
 
     def _update_norm(self) -> Tensor:
         """``||g||_2`` of the combined gradient in ``.grad``, over every shard."""

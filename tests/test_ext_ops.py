@@ -315,3 +315,44 @@ def test_cuda_ops_match_the_cpu_ops(dtype):
         skipped = [t.clone() for t in cuda[0]]
         ops.restore_sgd_(skipped, backups_cuda, cuda[1], cuda[2], **kw, skip=torch.ones((), device="cuda"))
         assert all(torch.equal(a, b) for a, b in zip(skipped, backups_cuda))
+
+
+@pytestmark_ext
+def test_a_kept_fused_plan_follows_new_momentum_buffers_and_gradients():
+    """The fused plan is kept across steps; replacing the momentum buffers (a momentum reset) or moving a
+    gradient to another parameter must make it re-plan, not update stale tensors."""
+    from imbsam_fast import fused_sgd
+
+    model, opt = _train_small(steps=3)
+    state = opt.base_optimizer.state
+    for p in model.parameters():
+        state[p]["momentum_buffer"] = torch.zeros_like(p)
+    fresh = {id(p): state[p]["momentum_buffer"] for p in model.parameters()}
+    _continue(model, opt)
+    assert all(state[p]["momentum_buffer"] is fresh[id(p)] for p in model.parameters())
+    assert all(fresh[id(p)].any() for p in model.parameters()), "the new buffers must carry the update"
+
+    kept = opt._fused_plan
+    assert kept is not None
+    planned = [p for entry in kept.plan for p in entry[0]]
+    spare = torch.nn.Parameter(torch.zeros(3))
+    opt.add_param_group({"params": [spare], "lr": 0.1})
+    for p in planned:
+        p.grad = torch.ones_like(p)
+    planned[0].grad, spare.grad = None, torch.ones(3)
+    # Same number of gradients, but one planned parameter lost its own: the kept plan must not serve.
+    assert fused_sgd.plan_fused_sgd(opt, [], kept.backup_of) is None
+
+
+def _continue(model, opt, steps=2):
+    from models import image_batches
+
+    torch.manual_seed(5)
+    for x, y in image_batches(steps):
+        y[0] = 8
+
+        def closure(index=None, x=x, y=y):
+            xs, ys = (x, y) if index is None else (x[index], y[index])
+            return torch.nn.functional.cross_entropy(model(xs), ys, reduction="none")
+
+        opt.step(closure, y)
