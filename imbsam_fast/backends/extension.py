@@ -39,6 +39,22 @@ def _register_fakes() -> None:
     for name in ("perturb_", "restore_", "restore_sgd_"):
         torch.library.register_fake(f"imbsam_fast::{name}")(lambda *args, **kwargs: None)
 
+    @torch.library.register_fake("imbsam_fast::masked_ce_forward")
+    def _(logits, targets, head_w, tail_w, ignore_index, smoothing):
+        batch, classes = logits.shape
+        scalar = logits.new_empty((), dtype=torch.float32)
+        return (scalar, scalar.clone(), logits.new_empty(batch, dtype=torch.float32),
+                logits.new_empty((batch, classes)), logits.new_empty((2, batch), dtype=torch.float32))
+
+    @torch.library.register_fake("imbsam_fast::masked_ce_backward")
+    def _(grad, row_w, g_head, g_tail, g_losses):
+        return torch.empty_like(grad)
+
+    @torch.library.register_fake("imbsam_fast::masked_ce")
+    def _(logits, targets, head_w, tail_w, ignore_index, smoothing):
+        scalar = logits.new_empty((), dtype=torch.float32)
+        return scalar, scalar.clone(), logits.new_empty(logits.shape[0], dtype=torch.float32)
+
 
 def _load_built() -> bool:
     spec = importlib.util.find_spec("imbsam_fast._C")
