@@ -11,8 +11,12 @@
    (CUDA events, median after warm-up),
    with GB/s as a fraction of a device-to-device copy measured in the same run,
    kernel launches per step and peak extra memory;
-3. times the class-masked CE (forward + head backward + tail backward) against
-   torch's two masked losses for C in {10, 100, 1000, 8142, 32000}, B in {64, 512}.
+3. times the class-masked CE (forward + head backward + tail backward): the Triton op, the
+   extension's CUDA op and torch's two masked losses for C in {10, 100, 1000, 8142, 32000},
+   B in {64, 512}, GPU time and host enqueue time;
+4. measures end-to-end training images/s (``e2e_throughput.py``): SGD, the public code, exact and
+   fast mode, eager and graphed (``CapturedStep``), ResNet-32 at batch 64 and 128 and the public
+   code's ResNet-34 at batch 64, bf16 and fp32; that table is printed last.
 """
 
 from __future__ import annotations
@@ -230,20 +234,40 @@ def ce_fns(case):
         head.backward(retain_graph=True)
         tail.backward()
 
-    return ours, torch_masked
+    def ext():
+        x = logits.detach().requires_grad_()
+        head, tail = head_tail_cross_entropy(x, y, mask, tail_weight=2.0, backend="ext")
+        head.backward(retain_graph=True)
+        tail.backward()
+
+    return ours, torch_masked, ext
+
+
+def _ext_ce_cuda() -> bool:
+    from imbsam_fast.backends.extension import ext_available
+
+    return ext_available() and torch._C._dispatch_has_kernel_for_dispatch_key("imbsam_fast::masked_ce_forward",
+                                                                               "CUDA")
 
 
 def bench_ce(reps):
+    """Eager GPU time (events) and host enqueue time of the Triton op, the extension's op (when built) and
+    torch's two masked losses; CUDA-graph replay of the first and the last."""
     cases = ce_cases(reps)
     rows = []
+    has_ext = _ext_ce_cuda()
+    nan = float("nan")
     for case in cases:
-        ours, ref = ce_fns(case)
+        ours, ref, ext = ce_fns(case)
         t_ours, t_torch = cuda_time(ours, reps), cuda_time(ref, reps)
         rows.append(dict(batch=case["batch"], classes=case["classes"], dtype=str(case["dtype"]).replace("torch.", ""),
                          ours_ms=t_ours, torch_ms=t_torch, speedup=t_torch / t_ours,
-                         ours_graph_ms=float("nan"), torch_graph_ms=float("nan"), graph_speedup=float("nan")))
+                         ext_ms=cuda_time(ext, reps) if has_ext else nan,
+                         ours_host_ms=host_time(ours, reps), torch_host_ms=host_time(ref, reps),
+                         ext_host_ms=host_time(ext, reps) if has_ext else nan,
+                         ours_graph_ms=nan, torch_graph_ms=nan, graph_speedup=nan))
     for case, row in zip(cases, rows):  # captures last: a failed capture can spoil later CUDA work
-        ours, ref = ce_fns(case)
+        ours, ref, _ = ce_fns(case)
         row["ours_graph_ms"] = try_graph_time(ours, reps)
         row["torch_graph_ms"] = try_graph_time(ref, reps)
         row["graph_speedup"] = row["torch_graph_ms"] / row["ours_graph_ms"]
@@ -271,7 +295,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-ext", action="store_true", help="do not compile the C++/CUDA extension")
-    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, bf16 only end to end")
+    ap.add_argument("--skip-e2e", action="store_true", help="no end-to-end training throughput")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device; nothing to do", file=sys.stderr)
@@ -302,11 +327,27 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(dict(info=info, params=param_rows, ce=ce_rows), f, indent=1)
 
-    print("\n## class-masked CE: forward + head backward + tail backward, median ms (eager; CUDA-graph replay)")
-    print(f"{'dtype':<9}{'B':>5}{'C':>7}{'ours':>8}{'torch':>8}{'speedup':>8}{'ours g':>8}{'torch g':>8}{'speedup':>8}")
+    print("\n## class-masked CE: forward + head backward + tail backward, median ms: eager (events) for Triton,")
+    print("## the extension's CUDA op and torch's two masked losses; host enqueue; CUDA-graph replay")
+    print(f"{'dtype':<9}{'B':>5}{'C':>7}{'triton':>8}{'ext':>8}{'torch':>8}{'h trit':>8}{'h ext':>8}{'h torch':>8}"
+          f"{'trit g':>8}{'torch g':>8}")
     for r in ce_rows:
-        print(f"{r['dtype']:<9}{r['batch']:>5}{r['classes']:>7}{r['ours_ms']:>8.3f}{r['torch_ms']:>8.3f}"
-              f"{r['speedup']:>7.2f}x{r['ours_graph_ms']:>8.3f}{r['torch_graph_ms']:>8.3f}{r['graph_speedup']:>7.2f}x")
+        print(f"{r['dtype']:<9}{r['batch']:>5}{r['classes']:>7}{r['ours_ms']:>8.3f}{r['ext_ms']:>8.3f}"
+              f"{r['torch_ms']:>8.3f}{r['ours_host_ms']:>8.3f}{r['ext_host_ms']:>8.3f}{r['torch_host_ms']:>8.3f}"
+              f"{r['ours_graph_ms']:>8.3f}{r['torch_graph_ms']:>8.3f}")
+    sys.stdout.flush()
+    e2e_rows = []
+    if not args.skip_e2e:
+        import e2e_throughput
+
+        configs = [("resnet32", 64), ("resnet32", 128), ("resnet34", 64)]
+        e2e_rows = e2e_throughput.run(configs, ["bf16", "fp32"] if not args.quick else ["bf16"], 60, 5,
+                                      torch.device("cuda"))
+        print(f"\n## end-to-end training images/s, {info['device']}: 60 batches per row, CIFAR-100-LT labels "
+              "(eta 20), eager and graphed (CapturedStep)")
+        print("\n".join(e2e_throughput.report(e2e_rows)))
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(dict(info=info, params=param_rows, ce=ce_rows, e2e=e2e_rows), f, indent=1)
     return 0 if tests_rc in (0, None) else 1
 
 

@@ -5,6 +5,7 @@ handling, backends) needs torch only. The applications (command line, training
 loop, datasets, models) live in :mod:`imbsam_fast.apps` and need the ``[cli]`` extra.
 """
 
+from .capture import CapturedStep
 from .hooks import StepHooks
 from .losses import class_weighted_cross_entropy, head_tail_cross_entropy, split_head_tail
 from .optimizer import ImbSAM, StepLosses
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ImbSAM",
     "StepLosses",
+    "CapturedStep",
     "StepHooks",
     "ClassWeights",
     "tail_class_mask",

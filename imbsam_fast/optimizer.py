@@ -169,7 +169,7 @@ class ImbSAM(Optimizer):
         self.nonfinite = nonfinite
         self.ignore_index = ignore_index
         devices = {p.device.type for g in self.param_groups for p in g["params"]}
-        self._ops = resolve_param_backend(backend, devices)
+        self._ops = resolve_param_backend(backend, devices, capturable)
         for ops in (self._ops, getattr(self._ops, "_torch", None)):
             if ops is not None and hasattr(ops, "capturable"):
                 ops.capturable = capturable
@@ -244,7 +244,9 @@ class ImbSAM(Optimizer):
 
     @skipped_steps.setter
     def skipped_steps(self, value: int) -> None:
-        self._skipped, self._skipped_on_device = int(value), None
+        self._skipped = int(value)
+        if self._skipped_on_device is not None:
+            self._skipped_on_device.zero_()  # in place: a captured step keeps adding into this tensor
 
     @property
     def last_step_skipped(self) -> bool:
@@ -256,7 +258,12 @@ class ImbSAM(Optimizer):
         self._last_skipped = value
 
     def _count_on_device(self, found: Tensor) -> None:
-        self._skipped_on_device = found.clone() if self._skipped_on_device is None else self._skipped_on_device + found
+        # In place after the first step, so that a captured step keeps counting when replayed.
+        if self._skipped_on_device is None or self._skipped_on_device.device != found.device:
+            if self._skipped_on_device is not None:
+                self._skipped += int(self._skipped_on_device)  # the parameters moved: one read, once
+            self._skipped_on_device = torch.zeros_like(found)
+        self._skipped_on_device.add_(found)
         self._last_skipped = found
 
     @property

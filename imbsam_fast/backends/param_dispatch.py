@@ -19,15 +19,24 @@ def check_backend_name(name: object) -> str:
     return name  # type: ignore[return-value]
 
 
-def resolve_param_backend(name: str, device_types: set[str]) -> ParamOps:
+def resolve_param_backend(name: str, device_types: set[str], capturable: bool = False) -> ParamOps:
     """Parameter-op backend for parameters living on ``device_types``.
 
     ``auto``: Triton when every parameter is on CUDA and Triton imports; the C++ extension when every
     parameter is on the CPU and the extension is built; else torch. ``triton`` on CPU tensors works only
     under Triton's interpreter (``TRITON_INTERPRET=1``). ``ext`` without the extension is a
-    ``RuntimeError`` that says how to build it.
+    ``RuntimeError`` that says how to build it. ``capturable`` parameters on an accelerator take the
+    torch foreach ops (``auto``; ``triton`` and ``ext`` are refused): only those are safe in a CUDA graph.
     """
     check_backend_name(name)
+    if capturable and device_types - {"cpu"}:
+        if name not in ("auto", "torch"):
+            raise ValueError(
+                f"backend={name!r} cannot run in a captured step on {sorted(device_types - {'cpu'})} tensors: its "
+                "multi-tensor launches copy pointer tables from the host each step, which a CUDA graph would "
+                "replay from memory freed since; use backend='torch' (or 'auto'), whose foreach ops capture"
+            )
+        return TorchParamOps()
     if name == "auto":
         if device_types == {"cuda"} and triton_available():
             from .triton_ops import TritonParamOps
