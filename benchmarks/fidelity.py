@@ -6,7 +6,10 @@ sample the exact and the fast update are computed from the same state, and
 their cosine similarity is recorded: for the whole update, and for its tail
 part (the update minus the plain head-only update from that state).
 
-    python benchmarks/fidelity.py [--steps 40] [--eta 20 100]
+    python benchmarks/fidelity.py [--steps 40] [--eta 20 100] [--variants "tail_capacity,default"]
+
+``tail_capacity`` rows run the fixed-size tail passes (``K`` samples chosen on the device; more than
+``K`` tail samples are subsampled and reweighted); the table says in how many steps that happened.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from imbsam_fast.apps.models import resnet32
 KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
 VARIANTS = {"fast (replay-ghost 8, default)": dict(fast_bn="replay-ghost", ghost_batch=8),
             "fast (ghost 8)": dict(fast_bn="ghost", ghost_batch=8),
-            "fast (ghost 16)": dict(fast_bn="ghost", ghost_batch=16)}
+            "fast (ghost 16)": dict(fast_bn="ghost", ghost_batch=16),
+            "fast (tail_capacity 8)": dict(tail_capacity=8),
+            "fast (tail_capacity 4)": dict(tail_capacity=4)}
 
 
 def _closure(model, x, y):
@@ -58,24 +63,26 @@ def _head_only(model, opt_state, mask, x, y):
     return m
 
 
-def run(eta: float, steps: int):
+def run(eta: float, steps: int, variants: dict = VARIANTS):
     torch.manual_seed(0)
     batches, mask = cifar100_lt_batches(steps, 64, eta, torch.device("cpu"), seed=1)
     model = resnet32()
     opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=mask, **KW)
-    cos = {k: ([], []) for k in VARIANTS}
+    cos = {k: ([], []) for k in variants}
+    tails = []
     for x, y in batches:
         if mask[y].any():
             state = opt.state_dict()
             head = _flat_update(_head_only(model, state, mask, x, y), model)
-            torch.manual_seed(len(cos["fast (ghost 8)"][0]))
+            tails.append(int(mask[y].sum()))
+            torch.manual_seed(len(tails))
             exact = _flat_update(_one_step(model, state, mask, x, y), model)
-            for name, kw in VARIANTS.items():
+            for name, kw in variants.items():
                 fast = _flat_update(_one_step(model, state, mask, x, y, mode="fast", **kw), model)
                 cos[name][0].append(F.cosine_similarity(exact, fast, dim=0).item())
                 cos[name][1].append(F.cosine_similarity(exact - head, fast - head, dim=0).item())
         opt.step(_closure(model, x, y), y)
-    return cos
+    return cos, tails
 
 
 def _summary(v):
@@ -87,12 +94,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--eta", type=float, nargs="+", default=[20, 100])
+    ap.add_argument("--variants", default="", help="comma-separated substrings of the variant names (default: all)")
     args = ap.parse_args(argv)
+    wanted = [w for w in args.variants.split(",") if w]
+    variants = {k: v for k, v in VARIANTS.items() if not wanted or any(w in k for w in wanted)}
     print("# cosine similarity of fast-mode vs exact-mode updates, BatchNorm ResNet-32 (min p10 median mean max)")
     for eta in args.eta:
-        cos = run(eta, args.steps)
-        n = len(next(iter(cos.values()))[0])
-        print(f"\neta={eta:g}: {n} of {args.steps} steps had tail samples")
+        cos, tails = run(eta, args.steps, variants)
+        over = {k: sum(t > k for t in tails) for k in (4, 8)}
+        print(f"\neta={eta:g}: {len(tails)} of {args.steps} steps had tail samples (mean {statistics.mean(tails):.1f}; "
+              f"more than 4: {over[4]}, more than 8: {over[8]})")
         print(f"{'variant':<24}{'whole update':>40}   {'tail part':>40}")
         for name, (whole, tail) in cos.items():
             print(f"{name:<24}{_summary(whole):>40}   {_summary(tail):>40}")

@@ -372,3 +372,51 @@ def test_replay_ghost_replays_at_w_and_adds_ghosts_at_the_perturbed_point():
     opt.step(_closure(model, x, y, calls), y)
     assert calls[1].tolist() == [3]
     assert calls[2].numel() == 5 and 3 in calls[2].tolist()
+
+
+class _MixedBN(nn.Module):
+    """BatchNorm layers of several sizes and momenta; ``shared`` runs twice per forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.BatchNorm2d(3, momentum=0.1)
+        self.b = nn.BatchNorm2d(5, momentum=0.3)
+        self.conv = nn.Conv2d(3, 5, 1)
+        self.shared = nn.BatchNorm2d(5, momentum=0.2)
+        self.cumulative = nn.BatchNorm2d(5, momentum=None)
+        self.c = nn.BatchNorm1d(7, momentum=0.1)
+
+    def forward(self, x, v):
+        h = self.conv(self.a(x))
+        h = self.shared(self.b(h))
+        h = self.cumulative(self.shared(h * 2 + 1))
+        return h, self.c(v)
+
+
+def test_recorded_statistics_of_many_layers_solved_together():
+    """The flat solve (mixed momenta: a per-element 1 / m), a layer called twice (its first call solved
+    alone, the second computed) and a cumulative-average layer all give the batch statistics of their input,
+    over two forwards (the second reuses the cached layout)."""
+    torch.manual_seed(0)
+    model = _MixedBN()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    stats = BatchNormStats(model)
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod, []).append(args[0].detach()))
+             for m in stats.layers]
+    for _ in range(2):
+        seen.clear()
+        with stats.record():
+            model(torch.randn(4, 3, 6, 6) * 3 + 1, torch.randn(9, 7))
+        for layer, inputs in seen.items():
+            assert len(stats._stats[layer]) == len(inputs)
+            for (mean, var), x in zip(stats._stats[layer], inputs):
+                ref_var, ref_mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+                torch.testing.assert_close(mean, ref_mean, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(var, ref_var, rtol=1e-4, atol=1e-5)
+    for h in hooks:
+        h.remove()
