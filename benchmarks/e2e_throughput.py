@@ -46,7 +46,10 @@ def build_model(name: str, device: torch.device) -> torch.nn.Module:
 def loss_fn(model: torch.nn.Module, dtype: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Per-sample cross-entropy, the forward under bf16 autocast for ``dtype="bf16"``."""
     def losses(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+        # cache_enabled=False: torch's advice for autocast in CUDA graphs (each weight is cast once per forward
+        # in these models anyway, so the cache would save nothing).
+        ctx = (torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=False) if dtype == "bf16"
+               else nullcontext())
         with ctx:
             logits = model(x)
         return F.cross_entropy(logits.float(), y, reduction="none")
