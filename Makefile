@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 
 # torch goes in first, then the package without build isolation, so that setup.py can compile the C++
 # extension in csrc/ against that torch (with ninja, when a C++ compiler is present).
-$(VENV)/.installed: setup.py $(wildcard csrc/*.cpp csrc/*.cu)
+$(VENV)/.installed: setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
 	$(PY) -m pip install -q "$(TORCH)"
