@@ -71,6 +71,25 @@ void check_masked_ce_inputs(const at::Tensor& logits, const at::Tensor& targets,
               "masked_ce: logits, targets and class weights must be on one device");
 }
 
+MaskedCEForward prepare_masked_ce_forward(const at::Tensor& logits, const at::Tensor& targets,
+                                          const at::Tensor& head_w, const at::Tensor& tail_w) {
+  check_masked_ce_inputs(logits, targets, head_w, tail_w);
+  const int64_t batch = logits.size(0);
+  const int64_t classes = logits.size(1);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  const at::Tensor rows = logits.stride(1) == 1 && logits.stride(0) == classes ? logits : logits.contiguous();
+  return {rows, targets.to(at::kLong).contiguous(), head_w.contiguous(), tail_w.contiguous(),
+          at::empty({batch}, f32), at::empty({batch, classes}, logits.options()), at::empty({2, batch}, f32), batch,
+          classes};
+}
+
+MaskedCEBackward prepare_masked_ce_backward(const at::Tensor& grad, const at::Tensor& row_w) {
+  TORCH_CHECK(grad.dim() == 2 && row_w.dim() == 2 && row_w.size(0) == 2 && row_w.size(1) == grad.size(0),
+              "masked_ce_backward: G must be (B, C) and row_w (2, B)");
+  return {grad.contiguous(), row_w.to(at::kFloat).contiguous(), at::empty_like(grad, at::MemoryFormat::Contiguous),
+          grad.size(0), grad.size(1)};
+}
+
 namespace {
 
 using at::Tensor;
@@ -82,17 +101,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_ce_forward_cpu(const T
                                                                          const Tensor& head_w_in,
                                                                          const Tensor& tail_w_in,
                                                                          int64_t ignore_index, double smoothing) {
-  check_masked_ce_inputs(logits_in, targets_in, head_w_in, tail_w_in);
-  const Tensor logits = logits_in.contiguous();
-  const Tensor targets = targets_in.to(at::kLong).contiguous();
-  const Tensor head_w = head_w_in.contiguous();
-  const Tensor tail_w = tail_w_in.contiguous();
-  const int64_t batch = logits.size(0);
-  const int64_t classes = logits.size(1);
-  const auto f32 = logits.options().dtype(at::kFloat);
-  Tensor losses = at::empty({batch}, f32);
-  Tensor grad = at::empty({batch, classes}, logits.options());
-  Tensor row_w = at::empty({2, batch}, f32);
+  auto [logits, targets, head_w, tail_w, losses, grad, row_w, batch, classes] =
+      prepare_masked_ce_forward(logits_in, targets_in, head_w_in, tail_w_in);
+  const auto f32 = losses.options();
   std::atomic<bool> bad_label{false};
   // The softmax through ATen's vectorized kernels (an extension cannot use at::vec's exp), then one
   // parallel pass per row for l, G and the row weights.
@@ -155,14 +166,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_ce_forward_cpu(const T
 
 Tensor masked_ce_backward_cpu(const Tensor& grad_in, const Tensor& row_w_in, const std::optional<Tensor>& g_head,
                               const std::optional<Tensor>& g_tail, const std::optional<Tensor>& g_losses) {
-  TORCH_CHECK(grad_in.dim() == 2 && row_w_in.dim() == 2 && row_w_in.size(0) == 2 &&
-                  row_w_in.size(1) == grad_in.size(0),
-              "masked_ce_backward: G must be (B, C) and row_w (2, B)");
-  const Tensor grad = grad_in.contiguous();
-  const Tensor row_w = row_w_in.to(at::kFloat).contiguous();
-  const int64_t batch = grad.size(0);
-  const int64_t classes = grad.size(1);
-  Tensor out = at::empty_like(grad);
+  auto [grad, row_w, out, batch, classes] = prepare_masked_ce_backward(grad_in, row_w_in);
   if (batch == 0 || classes == 0) return out;
   // CPU scalars: reading them is no device sync.
   const double inv_b = 1.0 / static_cast<double>(batch);

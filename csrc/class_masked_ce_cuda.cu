@@ -150,18 +150,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_ce_forward_cuda(const 
                                                                           const Tensor& head_w_in,
                                                                           const Tensor& tail_w_in,
                                                                           int64_t ignore_index, double smoothing) {
-  check_masked_ce_inputs(logits_in, targets_in, head_w_in, tail_w_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
-  const Tensor targets = targets_in.to(at::kLong).contiguous();
-  const Tensor head_w = head_w_in.contiguous();
-  const Tensor tail_w = tail_w_in.contiguous();
-  const int64_t batch = logits.size(0);
-  const int64_t classes = logits.size(1);
-  const auto f32 = logits.options().dtype(at::kFloat);
-  Tensor losses = at::empty({batch}, f32);
-  Tensor grad = at::empty({batch, classes}, logits.options());
-  Tensor row_w = at::empty({2, batch}, f32);
+  auto [logits, targets, head_w, tail_w, losses, grad, row_w, batch, classes] =
+      prepare_masked_ce_forward(logits_in, targets_in, head_w_in, tail_w_in);
+  const auto f32 = losses.options();
   Tensor head = at::zeros({}, f32);
   Tensor tail = at::zeros({}, f32);
   Tensor bad_label = at::zeros({1}, logits.options().dtype(at::kInt));
@@ -187,15 +179,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_ce_forward_cuda(const 
 
 Tensor masked_ce_backward_cuda(const Tensor& grad_in, const Tensor& row_w_in, const std::optional<Tensor>& g_head,
                                const std::optional<Tensor>& g_tail, const std::optional<Tensor>& g_losses) {
-  TORCH_CHECK(grad_in.dim() == 2 && row_w_in.dim() == 2 && row_w_in.size(0) == 2 &&
-                  row_w_in.size(1) == grad_in.size(0),
-              "masked_ce_backward: G must be (B, C) and row_w (2, B)");
   const c10::cuda::CUDAGuard guard(grad_in.device());
-  const Tensor grad = grad_in.contiguous();
-  const Tensor row_w = row_w_in.to(at::kFloat).contiguous();
-  const int64_t batch = grad.size(0);
-  const int64_t classes = grad.size(1);
-  Tensor out = at::empty_like(grad);
+  auto [grad, row_w, out, batch, classes] = prepare_masked_ce_backward(grad_in, row_w_in);
   if (batch == 0 || classes == 0) return out;
   auto as_float = [](const std::optional<Tensor>& t) {
     return t.has_value() ? std::optional<Tensor>(t->to(at::kFloat).contiguous()) : std::nullopt;
