@@ -59,6 +59,8 @@ class BatchNormStats:
         self._stats: dict[_BatchNorm, list[tuple[Tensor, Tensor]]] = {}
         self._per_call: set[_BatchNorm] = set()
         self._flat = _FlatStats()
+        self._plan_key: Any = None
+        self._plan: tuple[list[_BatchNorm], list[_BatchNorm]] = ([], [])
         self._snapshot_copy = _ReusedCopy()
 
     def active(self) -> bool:
@@ -94,9 +96,8 @@ class BatchNormStats:
         more than once per forward) compute ``var_mean`` of their input.
         """
         self._stats = {}
-        training = [m for m in self.layers if m.training]
-        solved = {m for m in training if _derivable(m) and m not in self._per_call}
-        order = [m for m in training if m in solved]
+        training, order = self._record_plan()
+        solved = set(order)
         flat = self._flat.gather(order) if order else None
         if flat is None:
             solved.clear()
@@ -136,6 +137,16 @@ class BatchNormStats:
             for m in order:
                 if m in solved and m in sizes:
                     self._stats[m] = [flat.solve_one(m, sizes[m])]
+
+    def _record_plan(self) -> tuple[list[_BatchNorm], list[_BatchNorm]]:
+        """The training-mode layers and those among them whose statistics are solved, kept while the layers'
+        mode, momentum and tracking stay as they were (one read of each per step instead of the checks)."""
+        key = (tuple([(m.training, m.momentum, m.track_running_stats) for m in self.layers]), len(self._per_call))
+        if self._plan_key != key:
+            training = [m for m in self.layers if m.training]
+            self._plan = (training, [m for m in training if _derivable(m) and m not in self._per_call])
+            self._plan_key = key
+        return self._plan
 
     @contextmanager
     def replay(self) -> Iterator[None]:
@@ -187,7 +198,6 @@ class _ReusedCopy:
         self._groups: list[tuple[Callable[..., Tensor], list[Tensor], Tensor]] = []
         self._rest: tuple[list[Tensor], list[Tensor]] = ([], [])
 
-    @torch.no_grad()
     def of(self, tensors: list[Tensor]) -> list[Tensor]:
         if len(self._src) != len(tensors) or not all(map(operator.is_, self._src, tensors)):
             self._layout(tensors)
@@ -235,7 +245,7 @@ class _FlatStats:
         var_s <- max(var_s * (n - 1) / n, 0)
 
     Layers must share device and dtype (else ``gather`` returns ``None``: the caller computes the
-    statistics per call instead).
+    statistics per call instead). Running statistics never require grad, so no autograd mode is needed.
     """
 
     def __init__(self) -> None:
@@ -247,7 +257,6 @@ class _FlatStats:
         self._inv_m: Any = 1.0
         self._factors: dict[tuple[int, ...], Tensor] = {}
 
-    @torch.no_grad()
     def gather(self, layers: list[_BatchNorm]) -> Optional[_FlatStats]:
         src = [m._buffers["running_mean"] for m in layers] + [m._buffers["running_var"] for m in layers]
         momenta = tuple(float(m.momentum) for m in layers)  # type: ignore[arg-type]
@@ -275,7 +284,6 @@ class _FlatStats:
             self._inv_m = inv.repeat_interleave(torch.tensor(self._counts)).to(first.device)
         return True
 
-    @torch.no_grad()
     def solve(self, sizes: list[int]) -> list[list[tuple[Tensor, Tensor]]]:
         """Per layer ``[(mean, biased var)]`` from the running statistics now and those gathered."""
         key = tuple(sizes)
@@ -286,11 +294,10 @@ class _FlatStats:
                 torch.tensor(self._counts[len(sizes):])).to(self._old.device)
             self._factors[key] = factor
         stats = _solved(self._old, torch.cat(self._src), self._inv_m, factor)
-        parts = stats.split(self._counts)
+        parts = stats.split_with_sizes(self._counts)
         layers = len(sizes)
         return [[(parts[i], parts[layers + i])] for i in range(layers)]
 
-    @torch.no_grad()
     def solve_one(self, module: _BatchNorm, n: int) -> tuple[Tensor, Tensor]:
         """``(mean, biased var)`` of one gathered layer (called once more per forward from here on)."""
         i, layers = self._position[module], len(self._counts) // 2

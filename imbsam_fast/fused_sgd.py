@@ -51,7 +51,7 @@ def plan_fused_sgd(opt: ImbSAM, buckets: list[Bucket], backup_of: dict[int, tupl
         if plan is not None:
             return plan
     plan = _plan(opt, buckets, backup_of)
-    opt._fused_plan = None if plan is None else _KeptPlan(plan, backup_of, base.state)
+    opt._fused_plan = None if plan is None else _KeptPlan(plan, backup_of, base.state, opt.param_groups)
     return plan
 
 
@@ -98,17 +98,22 @@ class _KeptPlan:
     """A plan kept for the next steps: valid while the backup layout, the optimizer state, the set of
     parameters with a gradient, the momentum buffers and the groups' kinds of options stay as they were."""
 
-    def __init__(self, plan: FusedSGDPlan, backup_of: dict[int, tuple[Tensor, int]], state: Any) -> None:
+    def __init__(self, plan: FusedSGDPlan, backup_of: dict[int, tuple[Tensor, int]], state: Any,
+                 groups: list[dict[str, Any]]) -> None:
         self.plan = plan
         self.backup_of = backup_of
         self.state = state
-        self.count = sum(len(entry[0]) for entry in plan)
+        planned = {id(p) for entry in plan for p in entry[0]}
+        self.others = [p for g in groups for p in g["params"] if id(p) not in planned]
+        self.total = sum(len(g["params"]) for g in groups)
 
     def refresh(self, opt: ImbSAM) -> Optional[FusedSGDPlan]:
         """The plan with this step's gradients, or ``None`` when it no longer holds."""
         if opt.base_optimizer.state is not self.state:
             return None
-        if sum(p.grad is not None for group in opt.param_groups for p in group["params"]) != self.count:
+        # No parameter outside the plan may have a gradient (the groups are the same size as when planned).
+        if sum(len(g["params"]) for g in opt.param_groups) != self.total or any(
+                p.grad is not None for p in self.others):
             return None
         state_of = self.state.get
         out: FusedSGDPlan = []

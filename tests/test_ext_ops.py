@@ -321,8 +321,6 @@ def test_cuda_ops_match_the_cpu_ops(dtype):
 def test_a_kept_fused_plan_follows_new_momentum_buffers_and_gradients():
     """The fused plan is kept across steps; replacing the momentum buffers (a momentum reset) or moving a
     gradient to another parameter must make it re-plan, not update stale tensors."""
-    from imbsam_fast import fused_sgd
-
     model, opt = _train_small(steps=3)
     state = opt.base_optimizer.state
     for p in model.parameters():
@@ -332,16 +330,19 @@ def test_a_kept_fused_plan_follows_new_momentum_buffers_and_gradients():
     assert all(state[p]["momentum_buffer"] is fresh[id(p)] for p in model.parameters())
     assert all(fresh[id(p)].any() for p in model.parameters()), "the new buffers must carry the update"
 
-    kept = opt._fused_plan
-    assert kept is not None
-    planned = [p for entry in kept.plan for p in entry[0]]
     spare = torch.nn.Parameter(torch.zeros(3))
     opt.add_param_group({"params": [spare], "lr": 0.1})
+    _continue(model, opt, steps=1)
+    kept = opt._fused_plan
+    assert kept is not None and any(p is spare for p in kept.others), "re-planned with the spare outside the plan"
+    planned = [p for entry in kept.plan for p in entry[0]]
     for p in planned:
         p.grad = torch.ones_like(p)
-    planned[0].grad, spare.grad = None, torch.ones(3)
-    # Same number of gradients, but one planned parameter lost its own: the kept plan must not serve.
-    assert fused_sgd.plan_fused_sgd(opt, [], kept.backup_of) is None
+    assert kept.refresh(opt) is not None
+    first, planned[0].grad = planned[0].grad, None
+    assert kept.refresh(opt) is None, "a planned parameter without a gradient"
+    planned[0].grad, spare.grad = first, torch.ones(3)
+    assert kept.refresh(opt) is None, "a gradient outside the plan"
 
 
 def _continue(model, opt, steps=2):

@@ -396,7 +396,7 @@ class _MixedBN(nn.Module):
 def test_recorded_statistics_of_many_layers_solved_together():
     """The flat solve (mixed momenta: a per-element 1 / m), a layer called twice (its first call solved
     alone, the second computed) and a cumulative-average layer all give the batch statistics of their input,
-    over two forwards (the second reuses the cached layout)."""
+    over forwards that reuse the cached layout and one after the layers changed."""
     torch.manual_seed(0)
     model = _MixedBN()
     with torch.no_grad():
@@ -408,11 +408,17 @@ def test_recorded_statistics_of_many_layers_solved_together():
     seen = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod, []).append(args[0].detach()))
              for m in stats.layers]
-    for _ in range(2):
+    for step in range(3):
+        if step == 2:  # a layer switched to cumulative averaging and one to eval mode: the record plan follows
+            model.a.momentum = None
+            model.b.eval()
         seen.clear()
         with stats.record():
             model(torch.randn(4, 3, 6, 6) * 3 + 1, torch.randn(9, 7))
+        assert set(stats._stats) == {m for m in seen if m.training}
         for layer, inputs in seen.items():
+            if not layer.training:
+                continue
             assert len(stats._stats[layer]) == len(inputs)
             for (mean, var), x in zip(stats._stats[layer], inputs):
                 ref_var, ref_mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
