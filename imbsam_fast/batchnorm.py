@@ -289,7 +289,9 @@ class _FlatStats:
         key = tuple(sizes)
         factor = self._factors.get(key)
         if factor is None:
-            # Sizes change only with the input shape; the table is small and kept per shape.
+            # Sizes change only with the input shape; a few tables are kept (one per shape seen lately).
+            if len(self._factors) >= 8:
+                self._factors.clear()
             factor = torch.tensor([(n - 1) / n for n in sizes], dtype=self._old.dtype).repeat_interleave(
                 torch.tensor(self._counts[len(sizes):])).to(self._old.device)
             self._factors[key] = factor

@@ -426,3 +426,17 @@ def test_recorded_statistics_of_many_layers_solved_together():
                 torch.testing.assert_close(var, ref_var, rtol=1e-4, atol=1e-5)
     for h in hooks:
         h.remove()
+
+
+def test_the_variance_factors_kept_per_input_shape_stay_few():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    stats = BatchNormStats(model)
+    for size in range(2, 14):
+        x = torch.randn(3, 3, size, size)
+        with stats.record():
+            h = model[0](x)
+            model[1](h)
+        ref_var, _ = torch.var_mean(h.detach(), dim=[0, 2, 3], correction=0)
+        torch.testing.assert_close(stats._stats[model[1]][0][1], ref_var, rtol=1e-4, atol=1e-5)
+        assert len(stats._flat._factors) <= 8
