@@ -106,7 +106,8 @@ class ImbSAM(Optimizer):
             skip is decided on the device: the base step is taken and undone where a flag is set
             (weights, optimizer state, BatchNorm buffers), with no warning; ``skipped_steps`` reads
             the count lazily. Needs ``tail_capacity`` in fast mode; ``nonfinite="raise"`` is not
-            possible. A base optimizer with a ``capturable`` option gets it for accelerator parameters.
+            possible. A base optimizer with a ``capturable`` option gets it for accelerator parameters,
+            and accelerator parameters take the torch foreach ops (``auto``; see :mod:`imbsam_fast.capture`).
     """
 
     def __init__(
