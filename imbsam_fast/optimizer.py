@@ -171,9 +171,6 @@ class ImbSAM(Optimizer):
         self.ignore_index = ignore_index
         devices = {p.device.type for g in self.param_groups for p in g["params"]}
         self._ops = resolve_param_backend(backend, devices, capturable)
-        for ops in (self._ops, getattr(self._ops, "_torch", None)):
-            if ops is not None and hasattr(ops, "capturable"):
-                ops.capturable = capturable
         self._step_hooks: list[StepHooks] = []
         self.steps = 0
         self._skipped = 0

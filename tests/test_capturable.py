@@ -50,14 +50,16 @@ class SyncDetector:
         torch.nonzero = self.nonzero
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("ext", marks=NEEDS_EXT)])
+@pytest.mark.parametrize("backend,adaptive", [("torch", False), pytest.param("ext", False, marks=NEEDS_EXT),
+                                              pytest.param("ext", True, marks=NEEDS_EXT)])
 @pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_no_value_is_read_in_a_capturable_step(mode, backend):
+def test_no_value_is_read_in_a_capturable_step(mode, backend, adaptive):
+    """``ext`` with ASAM perturbs through its torch fallback, which must be capturable too."""
     torch.manual_seed(0)
     model = small_cnn(10)
     fast = dict(mode="fast", tail_capacity=6) if mode == "fast" else {}
     opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, tail_mask=TAIL, model=model,
-                 capturable=True, backend=backend, max_grad_norm=5.0, **fast)
+                 capturable=True, backend=backend, max_grad_norm=5.0, adaptive=adaptive, **fast)
     g = torch.Generator().manual_seed(0)
     with SyncDetector() as detector:
         for n in (2, 0, 9):

@@ -25,15 +25,16 @@ _COVERED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class ExtParamOps(ListCoverage):
-    """Norm / perturb / restore (and a fused restore + SGD step) through the extension's ops."""
+    """Norm / perturb / restore (and a fused restore + SGD step) through the extension's ops; ``capturable`` goes
+    to the torch ops it falls back to."""
 
     name = "ext"
 
-    def __init__(self) -> None:
+    def __init__(self, capturable: bool = False) -> None:
         if not load_extension():
             raise RuntimeError(f"backend='ext': the C++ extension is not available ({ext_error()}); {BUILD_HINT}")
         self._ops = torch.ops.imbsam_fast
-        self._torch = TorchParamOps()
+        self._torch = TorchParamOps(capturable)
         self.fallbacks: set[str] = set()
         has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
         self._devices = {d for d in ("cpu", "cuda") if has_kernel("imbsam_fast::sq_norm", d.upper())}

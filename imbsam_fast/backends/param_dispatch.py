@@ -36,27 +36,27 @@ def resolve_param_backend(name: str, device_types: set[str], capturable: bool = 
                 "multi-tensor launches copy pointer tables from the host each step, which a CUDA graph would "
                 "replay from memory freed since; use backend='torch' (or 'auto'), whose foreach ops capture"
             )
-        return TorchParamOps()
+        return TorchParamOps(capturable)
     if name == "auto":
         if device_types == {"cuda"} and triton_available():
             from .triton_ops import TritonParamOps
 
-            return TritonParamOps()
+            return TritonParamOps(capturable=capturable)
         if device_types <= {"cpu"} and ext_available():
             from .ext_ops import ExtParamOps
 
-            return ExtParamOps()
-        return TorchParamOps()
+            return ExtParamOps(capturable)
+        return TorchParamOps(capturable)
     if name == "torch":
-        return TorchParamOps()
+        return TorchParamOps(capturable)
     if name == "ext":
         from .ext_ops import ExtParamOps
 
-        return ExtParamOps()
+        return ExtParamOps(capturable)
     check_triton_devices(device_types)
     from .triton_ops import TritonParamOps
 
-    return TritonParamOps()
+    return TritonParamOps(capturable=capturable)
 
 
 def check_triton_devices(device_types: set[str]) -> None:

@@ -20,9 +20,9 @@ class TorchParamOps:
 
     name = "torch"
 
-    def __init__(self) -> None:
+    def __init__(self, capturable: bool = False) -> None:
         self.fallbacks: set[str] = set()
-        self.capturable = False
+        self.capturable = capturable
         """No value read back, even of a CPU scalar (the optimizer's ``capturable=True``)."""
 
     def sq_norm(self, grads: list[Tensor]) -> Tensor:

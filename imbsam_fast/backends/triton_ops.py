@@ -26,17 +26,17 @@ class TritonParamOps(ListCoverage):
     """Norm / perturb / restore through the kernels in ``imbsam_fast.kernels``.
 
     ``launch`` is the multi-tensor launch configuration (``LaunchConfig``;
-    the tuned default when ``None``).
+    the tuned default when ``None``); ``capturable`` goes to the torch ops it falls back to.
     """
 
     name = "triton"
 
-    def __init__(self, launch: Optional[object] = None) -> None:
+    def __init__(self, launch: Optional[object] = None, capturable: bool = False) -> None:
         k = load_kernels()
         self._k = k
         self._cfg = launch if launch is not None else k.multi_tensor.DEFAULT_LAUNCH
         self._tables = k.multi_tensor.PointerTables()
-        self._torch = TorchParamOps()
+        self._torch = TorchParamOps(capturable)
         self.fallbacks: set[str] = set()
 
     def _why_not_first(self, first: Tensor) -> Optional[str]:
