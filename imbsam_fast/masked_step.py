@@ -15,19 +15,27 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["masked_base_step", "restore_where", "nonfinite_flag"]
+__all__ = ["masked_base_step", "restore_where", "nonfinite_flag", "norms_finite"]
+
+
+def norms_finite(total: Tensor, tail: Tensor | None) -> Tensor:
+    """Whether the update's norm and the tail gradient's norm are both finite: a 0-dim bool tensor on the device
+    (their sum is finite exactly when both are)."""
+    return torch.isfinite(total if tail is None else total + tail.to(total.device))
 
 
 def nonfinite_flag(total: Tensor, tail: Tensor | None) -> Tensor:
     """``1.0`` when the update's norm or the tail gradient's norm is not finite, else ``0.0`` (0-dim, on the device)."""
-    value = total if tail is None else total + tail.to(total.device)
-    return (~torch.isfinite(value)).to(torch.float32)
+    return (~norms_finite(total, tail)).to(torch.float32)
 
 
 def restore_where(tensors: list[Tensor], saved: list[Tensor], found: Tensor) -> None:
-    """``t <- saved`` where ``found`` is set, on the device."""
-    keep = found.to(device=tensors[0].device) != 0 if tensors else found
+    """``t <- saved`` where ``found`` is set, on each tensor's device (the flag moved once per device)."""
+    keeps: dict[torch.device, Tensor] = {}
     for t, s in zip(tensors, saved):
+        keep = keeps.get(t.device)
+        if keep is None:
+            keep = keeps[t.device] = found.to(device=t.device) != 0
         t.copy_(torch.where(keep, s, t))
 
 
@@ -39,9 +47,10 @@ def masked_base_step(base: Optimizer, params: list[Tensor], found: Tensor) -> No
     before_state = [{k: v.clone() for k, v in state[p].items() if isinstance(v, Tensor)} if p in state else {}
                     for p in params]
     base.step()
-    restore_where([p.detach() for p in params], before_params, found)
-    for p, saved in zip(params, before_state):
+    tensors, saved = [p.detach() for p in params], before_params
+    for p, old in zip(params, before_state):
         for key, value in state[p].items():
             if isinstance(value, Tensor):
-                old = saved.get(key)
-                restore_where([value], [old if old is not None else torch.zeros_like(value)], found)
+                tensors.append(value)
+                saved.append(old[key] if key in old else torch.zeros_like(value))
+    restore_where(tensors, saved, found)

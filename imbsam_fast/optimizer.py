@@ -34,7 +34,7 @@ from .distributed import local_tensor, make_grad_sync
 from .fused_sgd import FusedSGDPlan, apply_fused_sgd, plan_fused_sgd
 from .hooks import HookHandle, StepHooks
 from .labels import check_targets
-from .masked_step import masked_base_step, nonfinite_flag, restore_where
+from .masked_step import masked_base_step, nonfinite_flag, norms_finite, restore_where
 from .options import check_adaptive, check_max_grad_norm, check_micro_batches, check_rho, class_weights_from
 from .param_buckets import ParamBuckets, params_with_grad
 from .priors import ClassWeights, sample_weights
@@ -616,10 +616,9 @@ class ImbSAM(Optimizer):
 def _finite(total: Optional[Tensor], tail: Optional[Tensor]) -> bool:
     """Whether the update's norm and the tail gradient's norm are finite."""
     assert total is not None
-    tail = total if tail is None else tail.to(total.device)
     # One host sync per step is the price of deciding whether to call the base
     # optimizer (as torch.amp.GradScaler does); nonfinite="none" avoids it.
-    return bool(torch.isfinite(total + tail))
+    return bool(norms_finite(total, tail))
 
 
 def _clear_grads(groups: list[dict[str, Any]]) -> None:
