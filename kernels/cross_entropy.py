@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from imbsam_fast.backends.extension import masked_ce_outputs_like
 from imbsam_fast.labels import check_label_flag
 
 __all__ = ["class_masked_cross_entropy", "class_masked_ce_op", "class_masked_ce_backward_op"]
@@ -154,10 +155,7 @@ def class_masked_ce_op(logits: Tensor, targets: Tensor, head_w: Tensor, tail_w: 
 
 @class_masked_ce_op.register_fake
 def _(logits, targets, head_w, tail_w, ignore_index, smoothing):
-    batch, num_classes = logits.shape
-    scalar = logits.new_empty((), dtype=torch.float32)
-    return (scalar, scalar.clone(), logits.new_empty(batch, dtype=torch.float32),
-            logits.new_empty((batch, num_classes)), logits.new_empty((2, batch), dtype=torch.float32))
+    return masked_ce_outputs_like(logits)
 
 
 @torch.library.custom_op("imbsam_fast::class_masked_ce_backward", mutates_args=())

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ext_available", "ext_error", "load_extension", "BUILD_HINT"]
+__all__ = ["ext_available", "ext_error", "load_extension", "BUILD_HINT", "masked_ce_outputs_like"]
 
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` in a source checkout (needs a C++ compiler and "
@@ -28,6 +28,16 @@ BUILD_HINT = (
 _loaded = False
 _error: Optional[str] = None
 _SOURCES = Path(__file__).resolve().parents[2] / "csrc"
+
+
+def masked_ce_outputs_like(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Empty outputs of a class-masked CE forward for ``(B, C)`` logits, the fake kernel of both ops that have
+    one (the extension's and the Triton one): head and tail sums (fp32 scalars), per-sample losses (fp32),
+    the stored gradient ``G`` (the logits' dtype) and the row weights ``(2, B)`` (fp32)."""
+    batch, classes = logits.shape
+    scalar = logits.new_empty((), dtype=torch.float32)
+    return (scalar, scalar.clone(), logits.new_empty(batch, dtype=torch.float32),
+            logits.new_empty((batch, classes)), logits.new_empty((2, batch), dtype=torch.float32))
 
 
 def _register_fakes() -> None:
@@ -41,10 +51,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("imbsam_fast::masked_ce_forward")
     def _(logits, targets, head_w, tail_w, ignore_index, smoothing):
-        batch, classes = logits.shape
-        scalar = logits.new_empty((), dtype=torch.float32)
-        return (scalar, scalar.clone(), logits.new_empty(batch, dtype=torch.float32),
-                logits.new_empty((batch, classes)), logits.new_empty((2, batch), dtype=torch.float32))
+        return masked_ce_outputs_like(logits)
 
     @torch.library.register_fake("imbsam_fast::masked_ce_backward")
     def _(grad, row_w, g_head, g_tail, g_losses):
@@ -52,8 +59,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("imbsam_fast::masked_ce")
     def _(logits, targets, head_w, tail_w, ignore_index, smoothing):
-        scalar = logits.new_empty((), dtype=torch.float32)
-        return scalar, scalar.clone(), logits.new_empty(logits.shape[0], dtype=torch.float32)
+        return masked_ce_outputs_like(logits)[:3]
 
 
 def _load_built() -> bool:
