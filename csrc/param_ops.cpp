@@ -15,6 +15,8 @@
 // The norm is deterministic: each chunk's partial sum is fixed by the chunk table,
 // and the partials are added in chunk order, whatever the number of threads.
 
+#include "param_checks.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -47,24 +49,6 @@ std::vector<Chunk> chunk_table(at::TensorList tensors) {
     }
   }
   return chunks;
-}
-
-void check_list(at::TensorList ts, const char* what) {
-  if (ts.empty()) return;
-  const auto dtype = ts[0].scalar_type();
-  const auto device = ts[0].device();
-  for (const auto& t : ts) {
-    TORCH_CHECK(t.device() == device && t.scalar_type() == dtype, "imbsam_fast: the tensors of ", what,
-                " must share one device and dtype");
-    TORCH_CHECK(t.is_contiguous(), "imbsam_fast: the tensors of ", what, " must be contiguous");
-  }
-}
-
-void check_parallel(at::TensorList a, at::TensorList b, const char* what) {
-  TORCH_CHECK(a.size() == b.size(), "imbsam_fast: ", what, ": lists of different lengths");
-  for (size_t i = 0; i < a.size(); ++i) {
-    TORCH_CHECK(a[i].numel() == b[i].numel(), "imbsam_fast: ", what, ": tensor ", i, " differs in size");
-  }
 }
 
 template <typename scalar_t, typename acc_t>

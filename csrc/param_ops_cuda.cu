@@ -9,6 +9,8 @@
 //   restore_sgd_ takes an optional device-side flag: when it is non-zero the kernel only restores
 //             (w <- b), so a skipped step needs no host decision.
 
+#include "param_checks.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -55,16 +57,6 @@ Tables make_tables(const std::vector<at::TensorList>& lists) {
   std::copy(chunks.begin(), chunks.end(), chunk_table.data_ptr<int64_t>());
   const auto device = lists[0][0].device();
   return {pointers.to(device, /*non_blocking=*/true), chunk_table.to(device, /*non_blocking=*/true), n_chunks};
-}
-
-void check_cuda_list(at::TensorList ts, const char* what) {
-  const auto dtype = ts[0].scalar_type();
-  const auto device = ts[0].device();
-  for (const auto& t : ts) {
-    TORCH_CHECK(t.is_cuda() && t.device() == device && t.scalar_type() == dtype, "imbsam_fast: the tensors of ",
-                what, " must share one CUDA device and dtype");
-    TORCH_CHECK(t.is_contiguous(), "imbsam_fast: the tensors of ", what, " must be contiguous");
-  }
 }
 
 struct ChunkRange {
@@ -164,7 +156,7 @@ __global__ void restore_sgd_kernel(const int64_t* pointers, const int64_t* chunk
 }
 
 at::Tensor sq_norm_cuda(at::TensorList tensors) {
-  check_cuda_list(tensors, "sq_norm");
+  check_list(tensors, "sq_norm");
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const bool wide = tensors[0].scalar_type() == at::kDouble;
   const auto acc_options = tensors[0].options().dtype(wide ? at::kDouble : at::kFloat);
@@ -187,9 +179,11 @@ at::Tensor sq_norm_cuda(at::TensorList tensors) {
 void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sq,
                   double rho, double eps) {
   if (params.empty()) return;
-  check_cuda_list(params, "params");
-  check_cuda_list(grads, "grads");
-  check_cuda_list(backups, "backups");
+  check_list(params, "params");
+  check_list(grads, "grads");
+  check_list(backups, "backups");
+  check_parallel(params, grads, "perturb_");
+  check_parallel(params, backups, "perturb_");
   const c10::cuda::CUDAGuard guard(params[0].device());
   const Tables tables = make_tables({params, grads, backups});
   if (tables.n_chunks == 0) return;
@@ -206,8 +200,9 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList ba
 
 void restore_cuda(at::TensorList params, at::TensorList backups) {
   if (params.empty()) return;
-  check_cuda_list(params, "params");
-  check_cuda_list(backups, "backups");
+  check_list(params, "params");
+  check_list(backups, "backups");
+  check_parallel(params, backups, "restore_");
   const c10::cuda::CUDAGuard guard(params[0].device());
   const Tables tables = make_tables({params, backups});
   if (tables.n_chunks == 0) return;
@@ -223,11 +218,16 @@ void restore_sgd_cuda(at::TensorList params, at::TensorList backups, at::TensorL
                       double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                       const std::optional<at::Tensor>& skip) {
   if (params.empty()) return;
-  check_cuda_list(params, "params");
-  check_cuda_list(backups, "backups");
-  check_cuda_list(grads, "grads");
+  check_list(params, "params");
+  check_list(backups, "backups");
+  check_list(grads, "grads");
+  check_parallel(params, backups, "restore_sgd_");
+  check_parallel(params, grads, "restore_sgd_");
   const bool with_momentum = momentum != 0.0;
-  if (with_momentum) check_cuda_list(buffers, "momentum_buffers");
+  if (with_momentum) {
+    check_list(buffers, "momentum_buffers");
+    check_parallel(params, buffers, "restore_sgd_");
+  }
   const c10::cuda::CUDAGuard guard(params[0].device());
   // Without momentum the kernel never touches the buffer slot; the params stand in for it in the table.
   const Tables tables = make_tables({params, backups, grads, with_momentum ? buffers : params});

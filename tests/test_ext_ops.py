@@ -288,9 +288,13 @@ def test_fused_path_skips_a_nonfinite_step_and_restores_the_weights():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and ext_available()
-                         and torch._C._dispatch_has_kernel_for_dispatch_key("imbsam_fast::sq_norm", "CUDA")),
-                    reason="needs a CUDA device and the extension built with its CUDA kernels")
+_CUDA_EXT = (torch.cuda.is_available() and ext_available()
+             and torch._C._dispatch_has_kernel_for_dispatch_key("imbsam_fast::sq_norm", "CUDA"))
+NEEDS_CUDA_EXT = pytest.mark.skipif(not _CUDA_EXT, reason="needs a CUDA device and the extension built with its CUDA "
+                                    "kernels")
+
+
+@NEEDS_CUDA_EXT
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_ops_match_the_cpu_ops(dtype):
     sizes = SIZES["odd"] + SIZES["many"]
@@ -357,3 +361,23 @@ def _continue(model, opt, steps=2):
             return torch.nn.functional.cross_entropy(model(xs), ys, reduction="none")
 
         opt.step(closure, y)
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA_EXT)])
+def test_the_ops_refuse_lists_they_cannot_walk(device):
+    """The CPU and CUDA kernels share one set of argument checks: a wrong list is an error, never a stray read."""
+    w = [torch.zeros(5, device=device), torch.zeros(3, device=device)]
+    b = [t.clone() for t in w]
+    g = [t.clone() for t in w]
+    buf = [t.clone() for t in w]
+    with pytest.raises(RuntimeError, match="lists of different lengths"):
+        ops.restore_(w, b[:1])
+    with pytest.raises(RuntimeError, match="tensor 1 differs in size"):
+        ops.perturb_(w, [g[0], torch.zeros(4, device=device)], b, torch.ones((), device=device), 0.05, 1e-12)
+    with pytest.raises(RuntimeError, match="restore_sgd_: tensor 0 differs in size"):
+        ops.restore_sgd_(w, b, g, [torch.zeros(6, device=device), buf[1]], 0.1, 0.9, 0.0, 0.0, False, False)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        ops.sq_norm([torch.zeros(4, 4, device=device).t()])
+    with pytest.raises(RuntimeError, match="one device and dtype"):
+        ops.restore_(w, [b[0], b[1].double()])
