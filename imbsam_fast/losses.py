@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .backends.loss_dispatch import resolve_loss_backend
 from .labels import check_targets
-from .priors import ClassWeights, check_tail_mask, check_tail_weight, imbsam_weights, sample_weights
+from .priors import ClassWeights, imbsam_weights, sample_weights
 
 __all__ = ["split_head_tail", "class_weighted_cross_entropy", "head_tail_cross_entropy", "weighted_sum"]
 
@@ -85,14 +85,12 @@ def head_tail_cross_entropy(
     ``tail_weight`` is required: the public code multiplies the tail loss by 2,
     the paper does not; say which one you want.
     """
-    mask = check_tail_mask(tail_mask)
-    tail_weight = check_tail_weight(tail_weight)
-    _check_logits(logits, targets, mask.numel(), label_smoothing)
+    weights = imbsam_weights(tail_mask, tail_weight)
+    _check_logits(logits, targets, weights.num_classes, label_smoothing)
     impl = resolve_loss_backend(backend, logits)
     if impl is not None:
-        return impl(logits, targets, tail_mask=mask, tail_weight=tail_weight, ignore_index=ignore_index,
-                    label_smoothing=label_smoothing)
-    return _torch_cross_entropy(logits, targets, imbsam_weights(mask, tail_weight), ignore_index, label_smoothing)
+        return impl(logits, targets, weights=weights, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    return _torch_cross_entropy(logits, targets, weights, ignore_index, label_smoothing)
 
 
 def _torch_cross_entropy(logits, targets, weights, ignore_index, label_smoothing):

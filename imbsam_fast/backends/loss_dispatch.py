@@ -27,8 +27,8 @@ def resolve_loss_backend(name: str, logits: torch.Tensor) -> Optional[Callable]:
 
     ``auto`` takes the Triton kernel for fp32/fp16/bf16 CUDA logits when Triton imports, else the
     extension's CUDA op when it was built with CUDA; on the CPU it keeps torch (the extension's CPU
-    op is measured no faster there, ``benchmarks/RESULTS.md``). ``ext`` takes the extension's op on
-    any device it has kernels for (fp64 too).
+    op was measured faster only for small logits, and slower for many classes: ``benchmarks/RESULTS.md``).
+    ``ext`` takes the extension's op on any device it has kernels for (fp64 too).
     """
     check_backend_name(name)
     if name == "torch":
@@ -51,30 +51,22 @@ def resolve_loss_backend(name: str, logits: torch.Tensor) -> Optional[Callable]:
     return _triton_cross_entropy
 
 
-def _class_weights(logits, weights, tail_mask, tail_weight) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class ``(a, b)`` as fp32 on the logits' device, from ClassWeights or a tail mask."""
-    if weights is not None:
-        head, tail = weights.head, weights.tail
-    else:
-        mask = tail_mask.to(logits.device)
-        head, tail = (~mask).to(torch.float32), mask.to(torch.float32) * float(tail_weight)
-    return (head.to(device=logits.device, dtype=torch.float32).contiguous(),
-            tail.to(device=logits.device, dtype=torch.float32).contiguous())
+def _class_weights(logits, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class ``(a, b)`` of ``weights`` (a ClassWeights) as contiguous fp32 on the logits' device."""
+    return (weights.head.to(device=logits.device, dtype=torch.float32).contiguous(),
+            weights.tail.to(device=logits.device, dtype=torch.float32).contiguous())
 
 
-def _triton_cross_entropy(logits, targets, *, weights=None, tail_mask=None, tail_weight=1.0, ignore_index,
-                          label_smoothing):
+def _triton_cross_entropy(logits, targets, *, weights, ignore_index, label_smoothing):
     """The fused kernel; it checks the labels itself (no extra launches)."""
     ce = load_kernels().cross_entropy.class_masked_cross_entropy
-    head_w, tail_w = _class_weights(logits, weights, tail_mask, tail_weight)
-    head, tail, _ = ce(logits, targets, head_w, tail_w, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    head, tail, _ = ce(logits, targets, *_class_weights(logits, weights), ignore_index=ignore_index,
+                       label_smoothing=label_smoothing)
     return head, tail
 
 
-def _ext_cross_entropy(logits, targets, *, weights=None, tail_mask=None, tail_weight=1.0, ignore_index,
-                       label_smoothing):
+def _ext_cross_entropy(logits, targets, *, weights, ignore_index, label_smoothing):
     """``torch.ops.imbsam_fast.masked_ce``: forward, stored gradient and autograd all in C++."""
-    head_w, tail_w = _class_weights(logits, weights, tail_mask, tail_weight)
-    head, tail, _ = torch.ops.imbsam_fast.masked_ce(logits, targets, head_w, tail_w, int(ignore_index),
-                                                    float(label_smoothing))
+    head, tail, _ = torch.ops.imbsam_fast.masked_ce(logits, targets, *_class_weights(logits, weights),
+                                                    int(ignore_index), float(label_smoothing))
     return head, tail
