@@ -25,4 +25,32 @@ inline void check_parallel(at::TensorList a, at::TensorList b, const char* what)
   }
 }
 
+// The arguments of each op, checked the same way by its CPU and its CUDA kernel.
+inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::TensorList backups) {
+  check_list(params, "params");
+  check_list(grads, "grads");
+  check_list(backups, "backups");
+  check_parallel(params, grads, "perturb_");
+  check_parallel(params, backups, "perturb_");
+}
+
+inline void check_restore_args(at::TensorList params, at::TensorList backups) {
+  check_list(params, "params");
+  check_list(backups, "backups");
+  check_parallel(params, backups, "restore_");
+}
+
+inline void check_restore_sgd_args(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                                   at::TensorList buffers, bool with_momentum) {
+  check_list(params, "params");
+  check_list(backups, "backups");
+  check_list(grads, "grads");
+  check_parallel(params, backups, "restore_sgd_");
+  check_parallel(params, grads, "restore_sgd_");
+  if (with_momentum) {
+    check_list(buffers, "momentum_buffers");
+    check_parallel(params, buffers, "restore_sgd_");
+  }
+}
+
 }  // namespace imbsam_fast

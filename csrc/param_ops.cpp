@@ -174,11 +174,7 @@ void for_each_chunk(const std::vector<Chunk>& chunks, F&& body) {
 void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sq,
               double rho, double eps) {
   if (params.empty()) return;
-  check_list(params, "params");
-  check_list(grads, "grads");
-  check_list(backups, "backups");
-  check_parallel(params, grads, "perturb_");
-  check_parallel(params, backups, "perturb_");
+  check_perturb_args(params, grads, backups);
   const auto chunks = chunk_table(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "imbsam_fast::perturb_", [&] {
     using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -218,9 +214,7 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
 
 void restore_(at::TensorList params, at::TensorList backups) {
   if (params.empty()) return;
-  check_list(params, "params");
-  check_list(backups, "backups");
-  check_parallel(params, backups, "restore_");
+  check_restore_args(params, backups);
   TORCH_CHECK(params[0].scalar_type() == backups[0].scalar_type(), "imbsam_fast::restore_: dtypes differ");
   const auto chunks = chunk_table(params);
   const int64_t item = params[0].element_size();
@@ -243,16 +237,8 @@ void restore_sgd_(at::TensorList params, at::TensorList backups, at::TensorList 
     restore_(params, backups);
     return;
   }
-  check_list(params, "params");
-  check_list(backups, "backups");
-  check_list(grads, "grads");
-  check_parallel(params, backups, "restore_sgd_");
-  check_parallel(params, grads, "restore_sgd_");
   const bool with_momentum = momentum != 0.0;
-  if (with_momentum) {
-    check_list(buffers, "momentum_buffers");
-    check_parallel(params, buffers, "restore_sgd_");
-  }
+  check_restore_sgd_args(params, backups, grads, buffers, with_momentum);
   const auto chunks = chunk_table(params);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "imbsam_fast::restore_sgd_",
                                   [&] {

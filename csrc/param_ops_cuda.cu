@@ -179,11 +179,7 @@ at::Tensor sq_norm_cuda(at::TensorList tensors) {
 void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sq,
                   double rho, double eps) {
   if (params.empty()) return;
-  check_list(params, "params");
-  check_list(grads, "grads");
-  check_list(backups, "backups");
-  check_parallel(params, grads, "perturb_");
-  check_parallel(params, backups, "perturb_");
+  check_perturb_args(params, grads, backups);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const Tables tables = make_tables({params, grads, backups});
   if (tables.n_chunks == 0) return;
@@ -200,9 +196,7 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList ba
 
 void restore_cuda(at::TensorList params, at::TensorList backups) {
   if (params.empty()) return;
-  check_list(params, "params");
-  check_list(backups, "backups");
-  check_parallel(params, backups, "restore_");
+  check_restore_args(params, backups);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const Tables tables = make_tables({params, backups});
   if (tables.n_chunks == 0) return;
@@ -218,16 +212,8 @@ void restore_sgd_cuda(at::TensorList params, at::TensorList backups, at::TensorL
                       double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                       const std::optional<at::Tensor>& skip) {
   if (params.empty()) return;
-  check_list(params, "params");
-  check_list(backups, "backups");
-  check_list(grads, "grads");
-  check_parallel(params, backups, "restore_sgd_");
-  check_parallel(params, grads, "restore_sgd_");
   const bool with_momentum = momentum != 0.0;
-  if (with_momentum) {
-    check_list(buffers, "momentum_buffers");
-    check_parallel(params, buffers, "restore_sgd_");
-  }
+  check_restore_sgd_args(params, backups, grads, buffers, with_momentum);
   const c10::cuda::CUDAGuard guard(params[0].device());
   // Without momentum the kernel never touches the buffer slot; the params stand in for it in the table.
   const Tables tables = make_tables({params, backups, grads, with_momentum ? buffers : params});
