@@ -10,6 +10,12 @@ without, as they come; the median per-batch ratio is printed beside it.
 fast: fast mode's default BatchNorm treatment (replayed statistics in the
 tail pass at w, a ghost batch of 8 head samples in the pass at w + e);
 fast-ghost: a ghost batch of 8 in both tail passes.
+sgd-b: a second SGD on its own copy of the model, the control: its ratio to
+``sgd`` is the harness's own noise (the two do the same work).
+
+On the CPU a step's time includes the page faults of memory that ``malloc``
+handed back to the kernel (:mod:`.allocator`); their count is reported per
+step, and ``keep_freed_memory`` takes them out of the comparison.
 """
 
 from __future__ import annotations
@@ -28,14 +34,16 @@ from ...priors import sam_weights, tail_class_mask
 from ...reference import ReferenceImbSAM, reference_train_step
 from ..data.long_tail import exponential_profile
 from ..models import resnet32
+from .allocator import minor_faults
 
 __all__ = [
-    "METHODS", "StepTimes", "cifar100_lt_batches", "make_steppers", "run", "host_overhead", "structural_host_time",
-    "report",
+    "METHODS", "CONTROLS", "StepTimes", "cifar100_lt_batches", "make_steppers", "run", "host_overhead",
+    "structural_host_time", "report",
 ]
 
 KW = dict(lr=0.01, momentum=0.9, weight_decay=1e-3)
 METHODS = ("sgd", "sam", "public", "exact", "fast", "fast-ghost")
+CONTROLS = ("sgd-b",)
 
 
 def cifar100_lt_batches(n: int, batch: int, eta: float, device: torch.device, seed: int = 0,
@@ -77,6 +85,7 @@ def make_steppers(device: torch.device, tail_mask: torch.Tensor, norm: str = "ba
         m.load_state_dict(base.state_dict())
     builders = {
         "sgd": lambda m: torch.optim.SGD(m.parameters(), **KW),
+        "sgd-b": lambda m: torch.optim.SGD(m.parameters(), **KW),
         "sam": lambda m: ImbSAM(m.parameters(), torch.optim.SGD, class_weights=sam_weights(100), **KW),
         "public": lambda m: ReferenceImbSAM(torch.optim.SGD(m.parameters(), **KW), m),
         "exact": lambda m: ImbSAM(m.parameters(), torch.optim.SGD, tail_mask=tail_mask, **KW),
@@ -92,7 +101,7 @@ def make_steppers(device: torch.device, tail_mask: torch.Tensor, norm: str = "ba
 
     def step(method: str, x: torch.Tensor, y: torch.Tensor) -> None:
         model, opt = models[method], opts[method]
-        if method == "sgd":
+        if method in ("sgd", "sgd-b"):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
@@ -107,11 +116,16 @@ def make_steppers(device: torch.device, tail_mask: torch.Tensor, norm: str = "ba
 
 @dataclass
 class StepTimes:
-    """Seconds per batch for each method, and the number of tail samples in each batch."""
+    """Seconds and minor page faults per batch for each method, and the number of tail samples in each batch."""
 
     eta: float
     tails: list[int]
     times: dict[str, list[float]] = field(default_factory=dict)
+    faults: dict[str, list[int]] = field(default_factory=dict)
+
+    def faults_per_step(self, method: str) -> float:
+        f = self.faults.get(method) or []
+        return sum(f) / len(f) if f else float("nan")
 
     def total(self, method: str, with_tail: Optional[bool] = None) -> float:
         """Total seconds over all batches, or over those with (``True``) / without (``False``) a tail sample."""
@@ -132,7 +146,7 @@ def run(eta: float, batches: int, device: torch.device, warmup: int = 3, norm: s
     ``head_only``: batches with no tail sample only."""
     data, tail_mask = cifar100_lt_batches(batches + warmup, 64, eta, device, seed, head_only)
     step, _ = make_steppers(device, tail_mask, norm, methods)
-    out = StepTimes(eta, [], {m: [] for m in methods})
+    out = StepTimes(eta, [], {m: [] for m in methods}, {m: [] for m in methods})
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -143,11 +157,12 @@ def run(eta: float, batches: int, device: torch.device, warmup: int = 3, norm: s
         order = list(methods[i % len(methods):]) + list(methods[: i % len(methods)])
         for m in order:
             _sync(device)
-            t0 = time.perf_counter()
+            f0, t0 = minor_faults(), time.perf_counter()
             step(m, x, y)
             _sync(device)
             if i >= warmup:
                 out.times[m].append(time.perf_counter() - t0)
+                out.faults[m].append(minor_faults() - f0)
         if i >= warmup:
             out.tails.append(int(mask_dev[y].sum()))
         if bar is not None:
@@ -327,14 +342,14 @@ def report(res: StepTimes) -> list[str]:
     lines = [
         f"eta={res.eta:g}: {n} batches, {with_tail} with tail samples, {n - with_tail} without; tail samples per "
         f"batch mean {statistics.mean(res.tails):.2f} (count:batches {tail_histogram(res.tails)})",
-        f"{'method':<12}{'total s':>9}{'x SGD':>8}{'tail b.':>9}{'no-tail b.':>11}{'median':>8}",
+        f"{'method':<12}{'total s':>9}{'x SGD':>8}{'tail b.':>9}{'no-tail b.':>11}{'median':>8}{'faults':>9}",
     ]
     def cell(value: float, width: int) -> str:
         return f"{value:>{width - 1}.2f}x" if value == value else f"{'-':>{width}}"
 
     for m in res.times:
         lines.append(f"{m:<12}{res.total(m):>9.2f}{cell(res.ratio(m), 8)}{cell(res.ratio(m, True), 9)}"
-                     f"{cell(res.ratio(m, False), 11)}{cell(res.median_ratio(m), 8)}")
+                     f"{cell(res.ratio(m, False), 11)}{cell(res.median_ratio(m), 8)}{res.faults_per_step(m):>9.0f}")
     lines.append("x SGD: total time over all batches / SGD's total; tail b. / no-tail b.: the same over the batches "
-                 "with / without a tail sample; median: of the per-batch ratios")
+                 "with / without a tail sample; median: of the per-batch ratios; faults: minor page faults per step")
     return lines

@@ -1,0 +1,58 @@
+"""The step-time harness: its control method, its page-fault counts, and keeping freed memory."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from imbsam_fast.apps.bench.step_time import report, run
+
+
+def test_the_control_does_sgds_work_and_every_step_counts_its_faults():
+    res = run(20, 2, torch.device("cpu"), warmup=1, methods=["sgd", "sgd-b", "fast"], head_only=True)
+    assert res.tails == [0, 0]
+    assert {m: len(v) for m, v in res.faults.items()} == {"sgd": 2, "sgd-b": 2, "fast": 2}
+    assert all(f >= 0 for v in res.faults.values() for f in v)
+    table = report(res)
+    assert table[1].split()[-1] == "faults"
+    assert [ln.split()[0] for ln in table[2:5]] == ["sgd", "sgd-b", "fast"]
+
+
+def test_the_control_trains_its_model_as_sgd_does():
+    from imbsam_fast.apps.bench.step_time import cifar100_lt_batches, make_steppers
+
+    data, mask = cifar100_lt_batches(2, 8, 20, torch.device("cpu"))
+    step, _ = make_steppers(torch.device("cpu"), mask, methods=["sgd", "sgd-b"], width=2)
+    before = [p.clone() for p in step.models["sgd-b"].parameters()]
+    for x, y in data:
+        step("sgd", x, y)
+        step("sgd-b", x, y)
+    for a, b in zip(step.models["sgd"].parameters(), step.models["sgd-b"].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(p, p0) for p, p0 in zip(step.models["sgd-b"].parameters(), before))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_kept_memory_is_reused_without_page_faults():
+    # In a child process: mallopt lasts for the process, and the test suite's own memory must not be kept.
+    code = textwrap.dedent("""
+        import sys, torch
+        from imbsam_fast.apps.bench.allocator import keep_freed_memory, minor_faults
+        if sys.argv[1] == "keep":
+            assert keep_freed_memory()
+        faults = []
+        for _ in range(6):
+            f0 = minor_faults()
+            t = torch.ones(16 << 20)  # 64 MiB, touched page by page
+            del t
+            faults.append(minor_faults() - f0)
+        print(*faults[3:])  # the steady state: glibc may take the first allocations afresh
+    """)
+    counts = {}
+    for how in ("keep", "default"):
+        out = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, check=True)
+        counts[how] = [int(n) for n in out.stdout.split()]
+    assert min(counts["default"]) > 10_000, counts  # 64 MiB in 4 KiB pages, each time
+    assert max(counts["keep"]) < 1_000, counts
