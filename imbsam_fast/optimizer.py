@@ -31,7 +31,7 @@ from .backends import Bucket, resolve_param_backend
 from .batchnorm import BatchNormSnapshot, BatchNormStats
 from .closures import split_wrapped_closure
 from .distributed import local_tensor, make_grad_sync
-from .fused_sgd import FusedSGDPlan, apply_fused_sgd, plan_fused_sgd
+from .fused_sgd import FusedSGDPlan, apply_fused_sgd, plan_fused_sgd, plan_grads
 from .hooks import HookHandle, StepHooks
 from .labels import check_targets
 from .masked_step import masked_base_step, nonfinite_flag, norms_finite, restore_where
@@ -356,11 +356,11 @@ class ImbSAM(Optimizer):
         self.steps += 1
         tail_norm, self._tail_norm = self._tail_norm, None
         if self.capturable and self.nonfinite != "none":
-            found = nonfinite_flag(self._update_norm(), tail_norm)
+            found = nonfinite_flag(self._plan_norm(plan), tail_norm)
             apply_fused_sgd(self, plan, skip=found)
             self._finish_on_device(found, zero_grad)
             return
-        if self.nonfinite != "none" and not _finite(self._update_norm(), tail_norm):
+        if self.nonfinite != "none" and not _finite(self._plan_norm(plan), tail_norm):
             self._ops.restore_(perturbed)
             self._skip()
             self._report_nonfinite()
@@ -424,6 +424,10 @@ class ImbSAM(Optimizer):
         if not grads:
             return []
         return [lists[0] for lists, _ in _group_by_device_and_dtype([grads], False).values()]
+
+    def _plan_norm(self, plan: FusedSGDPlan) -> Tensor:
+        """:meth:`_update_norm` from a fused plan's gradient lists (no regrouping: the plan holds them all)."""
+        return self._ops.grad_norm(plan_grads(plan), self._sq_reduce)
 
     def _update_norm(self) -> Tensor:
         """``||g||_2`` of the combined gradient in ``.grad``, over every shard."""

@@ -6,6 +6,7 @@ target sets it), where a missing extension is a failure: CI must not skip these 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
@@ -347,6 +348,12 @@ def test_a_kept_fused_plan_follows_new_momentum_buffers_and_gradients():
     assert kept.refresh(opt) is None, "a planned parameter without a gradient"
     planned[0].grad, spare.grad = first, torch.ones(3)
     assert kept.refresh(opt) is None, "a gradient outside the plan"
+    spare.grad = None
+    assert kept.refresh(opt) is not None
+    state[planned[0]] = {"momentum_buffer": torch.zeros_like(planned[0])}
+    assert kept.refresh(opt) is None, "a parameter's state dict replaced"
+    del state[planned[0]]
+    assert kept.refresh(opt) is None, "a parameter's state removed"
 
 
 def _continue(model, opt, steps=2):
@@ -381,3 +388,41 @@ def test_the_ops_refuse_lists_they_cannot_walk(device):
         ops.sq_norm([torch.zeros(4, 4, device=device).t()])
     with pytest.raises(RuntimeError, match="one device and dtype"):
         ops.restore_(w, [b[0], b[1].double()])
+
+
+@pytestmark_ext
+def test_the_fused_step_checks_every_groups_gradient_for_nan():
+    """The fused path takes the update's norm from the plan's gradient lists; a NaN that only the last
+    group's perturbed gradient holds must still skip the step."""
+    from models import image_batches
+
+    tail = torch.tensor([False] * 7 + [True] * 3)
+    torch.manual_seed(0)
+    model = small_cnn(10)
+    params = list(model.parameters())
+    opt = ImbSAM([{"params": params[:-1]}, {"params": params[-1:], "lr": 0.05}], torch.optim.SGD, lr=0.1,
+                 momentum=0.9, tail_mask=tail, model=model, backend="ext", nonfinite="skip")
+    backwards = [0]
+    poisoned = [False]
+
+    def poison(g):
+        backwards[0] += 1
+        return g * float("nan") if poisoned[0] and backwards[0] % 3 == 0 else g
+
+    params[-1].register_hook(poison)
+    torch.manual_seed(1)
+    for i, (x, y) in enumerate(image_batches(3)):
+        y[0] = 8
+
+        def closure(index=None, x=x, y=y):
+            xs, ys = (x, y) if index is None else (x[index], y[index])
+            return torch.nn.functional.cross_entropy(model(xs), ys, reduction="none")
+
+        poisoned[0], backwards[0] = i == 2, 0
+        before = [p.detach().clone() for p in params]
+        with pytest.warns(RuntimeWarning, match="non-finite") if i == 2 else contextlib.nullcontext():
+            opt.step(closure, y)
+        if i == 1:
+            assert opt._fused_plan is not None and len(opt._fused_plan.plan) == 2, "the step ran fused"
+    assert opt.last_step_skipped
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
