@@ -20,6 +20,7 @@ groups, the three phases, the non-finite policy and the state dict.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -326,9 +327,11 @@ class ImbSAM(Optimizer):
         buckets = self._buckets.build(params, grads, rhos)
         self._tail_norm = self._ops.perturb_(buckets, self._sq_reduce)
         self._perturbed = buckets
-        for p in params:
-            p.grad = None
-        for p, g in zip(*self._head_grads):
+        head_params, head_grads = self._head_grads
+        if len(head_params) != len(params) or not all(map(operator.is_, head_params, params)):
+            for p in params:
+                p.grad = None
+        for p, g in zip(head_params, head_grads):
             p.grad = g
         self._head_grads = ([], [])
         self._phase = _PERTURBED
