@@ -54,19 +54,35 @@ def test_anomaly_smoke(capsys, tmp_path):
 
 
 def test_bench_smoke(capsys, tmp_path):
-    rc, out, err = _run(capsys, "bench", "--reps", "1", "--skip-large", "--batches", "2", "--methods", "sgd,fast",
-                        "--out", str(tmp_path))
+    rc, out, err = _run(capsys, "bench", "--reps", "1", "--skip-large", "--batches", "2", "--methods",
+                        "sgd,fast,sgd-b", "--out", str(tmp_path))
     assert rc == 0, err
     assert "optimizer-side time, ResNet-32 shapes" in err and "step time" in err  # progress, as it goes
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     suites = {(r[0], r[1]) for r in rows}
     assert ("optimizer-side time", "ResNet-32 shapes") in suites
-    assert ("step time, eta 20", "sgd") in suites and ("step time, eta 20", "fast") in suites
+    assert {("step time, eta 20", m) for m in ("sgd", "fast", "sgd-b")} <= suites
     assert all(r[3] > 0 for r in rows)
     sgd = next(r for r in rows if r[1] == "sgd")
     assert sgd[3] == 1.0 and "total over 2 batches" in sgd[2]
     assert (tmp_path / "bench.md").read_text().startswith("Benchmarks")
     assert out.splitlines()[1].split() == ["suite", "case", "metric", "value"]
+
+
+def test_bench_keeps_freed_memory_when_asked(capsys, tmp_path, monkeypatch):
+    from imbsam_fast.apps.bench import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)  # not this process's malloc
+    rc, _, err = _run(capsys, "bench", "--quiet", "--reps", "1", "--skip-large", "--skip-step-time",
+                      "--keep-freed-memory", "--out", str(tmp_path))
+    assert rc == 0, err
+    assert calls == [1]
+    assert json.loads((tmp_path / "bench.json").read_text())["info"]["malloc"] == "keeps freed memory"
+    rc, _, err = _run(capsys, "bench", "--quiet", "--reps", "1", "--skip-large", "--skip-step-time",
+                      "--out", str(tmp_path))
+    assert rc == 0 and calls == [1], err
+    assert json.loads((tmp_path / "bench.json").read_text())["info"]["malloc"] == "default"
 
 
 def test_help_for_every_subcommand_and_module_entry_point():

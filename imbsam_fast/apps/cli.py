@@ -114,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", type=int, default=50, help="batches timed per method for the step time (>= 1)")
     b.add_argument("--eta", type=float, nargs="+", default=[20.0], help="tail thresholds to time (default 20)")
     b.add_argument("--methods", default="sgd,sam,public,exact,fast",
-                   help="comma-separated, from sgd, sam, public, exact, fast, fast-ghost")
+                   help="comma-separated, from sgd, sam, public, exact, fast, fast-ghost, and sgd-b (a second SGD, "
+                   "the control: its ratio is the measurement's own noise)")
+    b.add_argument("--keep-freed-memory", action="store_true",
+                   help="make glibc's malloc keep freed memory, so that no step pays page faults for memory another "
+                   "freed (on the CPU these add several percent of noise to the step-time ratios)")
     b.add_argument("--skip-step-time", action="store_true", help="only the optimizer-side benchmark")
     b.add_argument("--skip-large", action="store_true", help="leave out the 42M-parameter optimizer-side case")
     _common(b)
@@ -344,7 +348,7 @@ def cmd_anomaly(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from .bench import overhead, step_time
+    from .bench import allocator, overhead, step_time
     from .bench.shapes import resnet32_shapes, transformer_shapes
 
     device = _device(args.device)
@@ -357,7 +361,9 @@ def cmd_bench(args) -> int:
     info = dict(machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
                 device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                 threads=torch.get_num_threads(), torch=torch.__version__, triton=triton_version,
-                date=datetime.date.today().isoformat())
+                date=datetime.date.today().isoformat(), malloc="default")
+    if args.keep_freed_memory:
+        info["malloc"] = "keeps freed memory" if allocator.keep_freed_memory() else "default (mallopt unavailable)"
     rows = []
     dev = torch.device(device)
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"imbsam-fast bench: {msg}", file=sys.stderr))
@@ -469,9 +475,9 @@ def check_args(args) -> None:
         _at_least(args, "--seeds", 1)
         _at_least(args, "--epochs", 1)
     else:
-        from .bench.step_time import METHODS
+        from .bench.step_time import CONTROLS, METHODS
 
-        args.methods = _names(args.methods, METHODS, "method")
+        args.methods = _names(args.methods, METHODS + CONTROLS, "method")
         _at_least(args, "--reps", 1)
         _at_least(args, "--batches", 1)
         for eta in args.eta:
