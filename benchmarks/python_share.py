@@ -1,15 +1,19 @@
 """Where ImbSAM.step's time goes outside the forwards and backwards: Python, torch's native code, libc.
 
-Samples a few fast- or exact-mode steps of the BatchNorm ResNet-32 with py-spy in native mode (interpreter
-frames and native frames merged), then classifies every sample taken inside ``ImbSAM.step`` by its innermost
-frame: a Python line or the interpreter (Python), libc (allocation, frees, copies), or any other native
-library (torch operators, OpenMP, math). Samples inside the closure's forwards and inside ``backward`` are
-counted apart. py-spy is not a dependency: ``pip install py-spy`` first (it needs ptrace rights).
+Samples fast- or exact-mode steps of the BatchNorm ResNet-32 on tail batches with py-spy in native mode
+(interpreter frames and native frames merged), then classifies every sample taken inside ``ImbSAM.step`` by
+its innermost frame: a Python line or the interpreter (Python), libc (allocation, frees, copies), or any other
+native library (torch operators, OpenMP, math). Samples inside the closure's forwards and inside ``backward``
+are counted apart. py-spy is not a dependency: ``pip install py-spy`` first (it needs ptrace rights).
 
-    python benchmarks/python_share.py [--mode fast|exact] [--steps 20] [--rate 250]
+    python benchmarks/python_share.py [--mode fast|exact] [--steps 20] [--rate 100] [--width 16] [--threads N]
 
-Multiply a share by the step time measured without the sampler (``benchmarks/step_time.py``) for ms per
-step; the sampler slows the process down about uniformly, so shares carry over, absolute times do not.
+The same steps first run without the sampler, and their time per step turns each share into milliseconds
+(the sampler slows the process down about uniformly, so shares carry over, absolute times do not).
+``--width 1 --threads 1`` keeps ResNet-32's 95 tensors and 31 BatchNorm layers with almost no arithmetic
+(8x8 inputs): the Python is then a few percent of the step, and a few hundred steps give a few hundred
+samples of it. py-spy does not see inside libpython here, so "Python" holds the interpreter's own work
+(attribute and dict operations, allocation, reference counting) as well as the lines.
 """
 
 from __future__ import annotations
@@ -24,17 +28,21 @@ import tempfile
 from pathlib import Path
 
 TARGET = """
-import torch, torch.nn.functional as F
+import sys, time, torch, torch.nn.functional as F
 from imbsam_fast.apps.bench.step_time import cifar100_lt_batches, make_steppers
-data, mask = cifar100_lt_batches({n} * 2, 64, 20, torch.device("cpu"), 1)
-data = [(x, y) for x, y in data if int(mask[y].sum()) > 0][:{n}]
-step, opts = make_steppers(torch.device("cpu"), mask, methods=["{mode}"])
+if {threads} > 0:
+    torch.set_num_threads({threads})
+data, mask = cifar100_lt_batches({n} * 2 + 20, 64, 20, torch.device("cpu"), 1)
+data = [(x if {width} >= 16 else x[:, :, :8, :8], y) for x, y in data if int(mask[y].sum()) > 0][:{n}]
+step, opts = make_steppers(torch.device("cpu"), mask, methods=["{mode}"], width={width})
 opt, model = opts["{mode}"], step.models["{mode}"]
 def user_forward(x, y, index):
     return F.cross_entropy(model(x if index is None else x[index]), y if index is None else y[index],
                            reduction="none")
+t0 = time.perf_counter()
 for x, y in data:
     opt.step(lambda index=None, x=x, y=y: user_forward(x, y, index), y)
+print((time.perf_counter() - t0) / len(data))
 """
 
 
@@ -62,26 +70,39 @@ def classify(raw: Path) -> tuple[int, collections.Counter]:
     return total, counts
 
 
+def report(total: int, counts: collections.Counter, step_seconds: float) -> list[str]:
+    """One line per class: samples, share of the step's samples, and that share of the unsampled step in ms."""
+    lines = [f"{'samples':>7} {'share':>7} {'ms/step':>8}  class"]
+    for kind, n in counts.most_common():
+        share = n / max(total, 1)
+        lines.append(f"{n:7d} {100 * share:6.2f}% {share * step_seconds * 1e3:8.3f}  {kind}")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", default="fast", choices=["fast", "exact"])
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--rate", type=int, default=250)
+    ap.add_argument("--rate", type=int, default=100, help="samples per second (native unwinding is costly)")
+    ap.add_argument("--width", type=int, default=16, help="ResNet-32's first-stage channels (16: the model)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
-    spy = shutil.which("py-spy")
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
         print("python_share: py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         script, raw = Path(tmp) / "target.py", Path(tmp) / "raw.txt"
-        script.write_text(TARGET.format(n=args.steps, mode=args.mode))
+        script.write_text(TARGET.format(n=args.steps, mode=args.mode, width=args.width, threads=args.threads))
+        plain = subprocess.run([sys.executable, str(script)], check=True, capture_output=True, text=True)
+        step_seconds = float(plain.stdout.split()[-1])
         subprocess.run([spy, "record", "--native", "-r", str(args.rate), "-f", "raw", "-o", str(raw), "--",
                         sys.executable, str(script)], check=True, capture_output=True)
         total, counts = classify(raw)
-    print(f"# {args.mode} mode, {args.steps} steps with tail samples, BatchNorm ResNet-32 batch 64; "
-          f"{total} samples inside ImbSAM.step")
-    for kind, n in counts.most_common():
-        print(f"{n:7d} {100 * n / max(total, 1):7.2f}%  {kind}")
+    print(f"# {args.mode} mode, {args.steps} steps with tail samples, BatchNorm ResNet-32 (width {args.width}) batch "
+          f"64, {args.threads or 'default'} threads; {total} samples inside ImbSAM.step; unsampled step "
+          f"{step_seconds * 1e3:.1f} ms")
+    print("\n".join(report(total, counts, step_seconds)))
     return 0
 
 

@@ -56,3 +56,32 @@ def test_kept_memory_is_reused_without_page_faults():
         counts[how] = [int(n) for n in out.stdout.split()]
     assert min(counts["default"]) > 10_000, counts  # 64 MiB in 4 KiB pages, each time
     assert max(counts["keep"]) < 1_000, counts
+
+
+def test_python_share_classifies_samples_by_their_innermost_frame(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "python_share.py"
+    spec = importlib.util.spec_from_file_location("python_share", path)
+    share = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(share)
+    step = "<module> (t.py:9);ImbSAM.step (imbsam_fast/optimizer.py:500)"
+    raw = tmp_path / "raw.txt"
+    raw.write_text("\n".join([
+        f"{step};user_forward (t.py:7);conv2d (libtorch_cpu.so) 50",
+        f"{step};StepRun.backward (imbsam_fast/schedules/base.py:95);Tensor.backward (torch/_tensor.py:600) 30",
+        f"{step};BatchNormStats.record (imbsam_fast/batchnorm.py:133) 4",
+        f"{step};ExtParamOps.perturb_ (imbsam_fast/backends/ext_ops.py:70);perturb (_C.so) 10",
+        f"{step};ImbSAM._clear (imbsam_fast/optimizer.py:630);free (libc.so.6) 6",
+        f"{step};SGD.step (torch/optim/sgd.py:80);_foreach_add (libtorch_cpu.so) 2",
+        "<module> (t.py:3);import_torch (torch/__init__.py:1) 99",
+    ]))
+    total, counts = share.classify(raw)
+    assert total == 102
+    assert counts == {"forward and backward": 80, "ImbSAM outside fwd/bwd: python": 4,
+                      "ImbSAM outside fwd/bwd: native": 10, "ImbSAM outside fwd/bwd: libc": 6,
+                      "base optimizer step: native": 2}
+    lines = share.report(total, counts, 0.102)
+    python = next(ln for ln in lines if ln.endswith("outside fwd/bwd: python"))
+    assert python.split()[:3] == ["4", "3.92%", "4.000"]
