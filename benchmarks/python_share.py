@@ -62,12 +62,19 @@ def classify(raw: Path) -> tuple[int, collections.Counter]:
             counts["forward and backward"] += n
             continue
         base = any(f.startswith(("SGD.step ", "SGD._init_group")) or "_single_tensor_sgd" in f for f in frames)
-        m = re.search(r"\(([^()]*)\)$", frames[-1])
-        where = m.group(1) if m else frames[-1]
-        native = where == "?" or ".so" in where
-        kind = "python" if (not native or "libpython" in where) else "libc" if "libc.so" in where else "native"
-        counts[("base optimizer step: " if base else "ImbSAM outside fwd/bwd: ") + kind] += n
+        counts[("base optimizer step: " if base else "ImbSAM outside fwd/bwd: ") + frame_kind(frames[-1])] += n
     return total, counts
+
+
+def frame_kind(frame: str) -> str:
+    """``python`` for a Python line (``f (x.py:12)``, ``<module> (<frozen ...>:3)``) or libpython, ``libc``,
+    else ``native``: a shared library, or C++ with line tables (``sgd_loop (param_ops.cpp:142)``,
+    ``std::fma (cmath:1399)``), which must not pass for Python."""
+    m = re.search(r"\(([^()]*)\)$", frame)
+    where = m.group(1) if m else frame
+    if "libpython" in where or re.search(r"\.py:\d+$", where) or where.startswith("<"):
+        return "python"
+    return "libc" if "libc.so" in where else "native"
 
 
 def report(total: int, counts: collections.Counter, step_seconds: float) -> list[str]:
@@ -86,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", type=int, default=100, help="samples per second (native unwinding is costly)")
     ap.add_argument("--width", type=int, default=16, help="ResNet-32's first-stage channels (16: the model)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--raw", help="also keep py-spy's raw samples in this file")
     args = ap.parse_args(argv)
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
@@ -99,6 +107,8 @@ def main(argv=None) -> int:
         subprocess.run([spy, "record", "--native", "-r", str(args.rate), "-f", "raw", "-o", str(raw), "--",
                         sys.executable, str(script)], check=True, capture_output=True)
         total, counts = classify(raw)
+        if args.raw:
+            shutil.copyfile(raw, args.raw)
     print(f"# {args.mode} mode, {args.steps} steps with tail samples, BatchNorm ResNet-32 (width {args.width}) batch "
           f"64, {args.threads or 'default'} threads; {total} samples inside ImbSAM.step; unsampled step "
           f"{step_seconds * 1e3:.1f} ms")

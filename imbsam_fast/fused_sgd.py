@@ -117,8 +117,8 @@ class _KeptPlan:
         planned = {id(p) for entry in plan for p in entry[0]}
         self.others = [p for g in groups for p in g["params"] if id(p) not in planned]
         self.total = sum(len(g["params"]) for g in groups)
-        self.entries = tuple(state.values())
         self.param_states = [[state[p] for p in params] if buffers else [] for params, _, _, buffers, _ in plan]
+        self.entries = tuple(state.values())
 
     def refresh(self, opt: ImbSAM) -> Optional[FusedSGDPlan]:
         """The plan with this step's gradients, or ``None`` when it no longer holds."""
