@@ -47,6 +47,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .masked_step import state_restore_pairs
 from .optimizer import ImbSAM, StepLosses
 
 __all__ = ["CapturedStep"]
@@ -169,20 +170,14 @@ class _TrainingState:
             t.copy_(saved)
         opt = self.opt
         state = opt.base_optimizer.state
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if p not in state:
-                    continue
-                before = self.state.get(id(p), {})
-                for key, value in state[p].items():
-                    if isinstance(value, Tensor):
-                        old = before.get(key)
-                        if old is not None:
-                            value.copy_(old)
-                        else:
-                            value.zero_()
-                    elif key in before:
-                        state[p][key] = before[key]
+        params = [p for g in opt.param_groups for p in g["params"] if p in state]
+        befores = [self.state.get(id(p), {}) for p in params]
+        for t, saved in zip(*state_restore_pairs(state, params, befores)):
+            t.copy_(saved)
+        for p, before in zip(params, befores):
+            for key, value in state[p].items():
+                if not isinstance(value, Tensor) and key in before:
+                    state[p][key] = before[key]
         opt.steps = self.steps
         opt.skipped_steps = self.skipped
         opt.last_step_skipped = False

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["masked_base_step", "restore_where", "nonfinite_flag", "norms_finite"]
+__all__ = ["masked_base_step", "restore_where", "nonfinite_flag", "norms_finite", "state_restore_pairs"]
 
 
 def norms_finite(total: Tensor, tail: Tensor | None) -> Tensor:
@@ -39,6 +39,20 @@ def restore_where(tensors: list[Tensor], saved: list[Tensor], found: Tensor) -> 
         t.copy_(torch.where(keep, s, t))
 
 
+def state_restore_pairs(state: Any, params: list[Tensor], before: list[dict[str, Any]]
+                        ) -> tuple[list[Tensor], list[Any]]:
+    """Every tensor in the parameters' optimizer state now, and what ``before`` (one dict per parameter) held
+    under its key: zeros for state made since, which is how SGD with momentum and Adam start."""
+    tensors: list[Tensor] = []
+    saved: list[Any] = []
+    for p, old in zip(params, before):
+        for key, value in state[p].items():
+            if isinstance(value, Tensor):
+                tensors.append(value)
+                saved.append(old[key] if key in old else torch.zeros_like(value))
+    return tensors, saved
+
+
 @torch.no_grad()
 def masked_base_step(base: Optimizer, params: list[Tensor], found: Tensor) -> None:
     """``base.step()``, then every parameter and state tensor back to its value before when ``found`` is set."""
@@ -47,10 +61,5 @@ def masked_base_step(base: Optimizer, params: list[Tensor], found: Tensor) -> No
     before_state = [{k: v.clone() for k, v in state[p].items() if isinstance(v, Tensor)} if p in state else {}
                     for p in params]
     base.step()
-    tensors, saved = [p.detach() for p in params], before_params
-    for p, old in zip(params, before_state):
-        for key, value in state[p].items():
-            if isinstance(value, Tensor):
-                tensors.append(value)
-                saved.append(old[key] if key in old else torch.zeros_like(value))
-    restore_where(tensors, saved, found)
+    state_tensors, state_saved = state_restore_pairs(state, params, before_state)
+    restore_where([p.detach() for p in params] + state_tensors, before_params + state_saved, found)

@@ -17,6 +17,11 @@ import ctypes
 import ctypes.util
 import sys
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None  # type: ignore[assignment]
+
 __all__ = ["keep_freed_memory", "minor_faults"]
 
 _M_TRIM_THRESHOLD = -1
@@ -47,8 +52,4 @@ def keep_freed_memory() -> bool:
 
 def minor_faults() -> int:
     """Minor page faults of this process so far (0 where ``resource`` is missing)."""
-    try:
-        import resource
-    except ImportError:
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt

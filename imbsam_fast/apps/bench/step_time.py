@@ -85,7 +85,6 @@ def make_steppers(device: torch.device, tail_mask: torch.Tensor, norm: str = "ba
         m.load_state_dict(base.state_dict())
     builders = {
         "sgd": lambda m: torch.optim.SGD(m.parameters(), **KW),
-        "sgd-b": lambda m: torch.optim.SGD(m.parameters(), **KW),
         "sam": lambda m: ImbSAM(m.parameters(), torch.optim.SGD, class_weights=sam_weights(100), **KW),
         "public": lambda m: ReferenceImbSAM(torch.optim.SGD(m.parameters(), **KW), m),
         "exact": lambda m: ImbSAM(m.parameters(), torch.optim.SGD, tail_mask=tail_mask, **KW),
@@ -93,6 +92,7 @@ def make_steppers(device: torch.device, tail_mask: torch.Tensor, norm: str = "ba
         "fast-ghost": lambda m: ImbSAM(m.parameters(), torch.optim.SGD, tail_mask=tail_mask, mode="fast", model=m,
                                        fast_bn="ghost", **KW),
     }
+    builders["sgd-b"] = builders["sgd"]  # the control: SGD again, on its own model copy
     unknown = set(methods) - set(builders)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(builders)}")
