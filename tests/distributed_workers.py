@@ -4,10 +4,22 @@
 ``fn(rank, world, init_file, *args)`` and fails the test when one raises or
 when they do not all finish within the timeout (a hang is a failure, not a
 wait). Workers write what the test checks with ``torch.save`` to ``out``.
+
+Teardown is deterministic. torch's optimizers live in reference cycles, and so do the DDP
+modules they hold, so without help a DDP (and its reducer, holding the process group and
+the Python comm hook's futures) is freed whenever the cyclic collector happens to run:
+on a gloo worker thread inside a comm hook's callback, or during interpreter
+finalization, where a thread that needs the GIL is torn down and the process aborts
+("terminate called without an active exception", seen once in CI). So the workers
+collect each config's cycles before the next one, and every rank collects, meets at a
+barrier and destroys the process group before it exits. ``faulthandler`` prints every
+thread's Python stack if a worker still dies of a signal.
 """
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import os
 import time
 from typing import Any, Callable
@@ -36,6 +48,7 @@ def run_workers(fn: Callable[..., None], world: int, tmp_path: Any, *args: Any, 
 
 def _entry(rank: int, fn: Callable[..., None], world: int, init_file: str, backend: str,
            args: tuple[Any, ...]) -> None:
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     if torch.cuda.is_available():
         torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -45,6 +58,8 @@ def _entry(rank: int, fn: Callable[..., None], world: int, init_file: str, backe
                             timeout=__import__("datetime").timedelta(seconds=60))
     try:
         fn(rank, world, *args)
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -144,6 +159,8 @@ def ddp_configs(rank: int, world: int, configs: list[dict[str, Any]], out: str) 
             "buffers": [b.detach().clone() for b in model.buffers()],
             "allreduces": per_step,
         })
+        del ddp, opt, counting_hook
+        gc.collect()  # this config's DDP and its reducer freed here, on this thread, not by a later collection
     if rank == 0:
         torch.save(results, out)
 
@@ -166,9 +183,10 @@ def fsdp2_configs(rank: int, world: int, configs: list[dict[str, Any]], out: str
             xs, ys = x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]
             opt.step(per_sample_loss(model, xs, ys), ys, **cfg.get("step", {}))
         results.append({"params": [p.full_tensor().detach().clone() for p in model.parameters()]})
+        del model, opt
+        gc.collect()
     if rank == 0:
         torch.save(results, out)
-
 
 
 def syncbn_in_sync(rank: int, world: int, out: str) -> None:
