@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .grad_mode import without_grad
+
 __all__ = ["BatchNormStats", "BatchNormSnapshot", "batchnorm_layers"]
 
 _RECORD_HOOK = -1_000_003
@@ -73,7 +75,7 @@ class BatchNormStats:
         # skips nn.Module.__getattr__.
         return [t for m in self.layers for t in m._buffers.values() if t is not None]
 
-    @torch.no_grad()
+    @without_grad
     def snapshot(self) -> Optional[BatchNormSnapshot]:
         """A copy of :meth:`buffers` (one foreach copy into storage reused across calls), or ``None`` when
         there are none. A snapshot is good until the next call."""
@@ -148,10 +150,9 @@ class BatchNormStats:
             self._plan_key = key
         return self._plan
 
-    @contextmanager
-    def replay(self) -> Iterator[None]:
+    def replay(self) -> _InstanceAttrs:
         """Within: training-mode layers normalize with the recorded statistics and update nothing."""
-        patched = []
+        layers, forwards = [], []
         for m in self.layers:
             if not m.training:
                 continue
@@ -161,26 +162,45 @@ class BatchNormStats:
                     f"{type(m).__name__} ran in training mode in a tail pass but not in the full-batch forward; "
                     "fast mode needs the same layers to run in both"
                 )
-            # Plain attributes live in the module's __dict__: writing there skips nn.Module.__setattr__'s checks.
-            m.__dict__["forward"] = _replaying_forward(m, stats)
-            patched.append(m)
-        try:
-            yield
-        finally:
-            for m in patched:
-                m.__dict__.pop("forward", None)
+            layers.append(m)
+            forwards.append(_replaying_forward(m, stats))
+        return _InstanceAttrs(layers, "forward", forwards)
 
-    @contextmanager
-    def freeze_running_stats(self) -> Iterator[None]:
+    def freeze_running_stats(self) -> _InstanceAttrs:
         """Within: training-mode layers use batch statistics but leave running statistics (and their count) alone."""
         frozen = [m for m in self.layers if m.training and m.track_running_stats]
-        for m in frozen:
-            m.__dict__["track_running_stats"] = False
-        try:
-            yield
-        finally:
-            for m in frozen:
-                m.__dict__["track_running_stats"] = True
+        return _InstanceAttrs(frozen, "track_running_stats", [False] * len(frozen))
+
+
+_MISSING = object()
+
+
+class _InstanceAttrs:
+    """A context manager: within it, ``module.<name> = value`` for each module, as a plain attribute (written
+    to the module's ``__dict__``, which skips ``nn.Module.__setattr__``); after it, what each module had there
+    before (nothing, its own value, or an instance attribute the user set)."""
+
+    __slots__ = ("_modules", "_name", "_values", "_saved")
+
+    def __init__(self, modules: list[nn.Module], name: str, values: list[Any]) -> None:
+        self._modules = modules
+        self._name = name
+        self._values = values
+        self._saved: list[Any] = []
+
+    def __enter__(self) -> None:
+        name = self._name
+        self._saved = [m.__dict__.get(name, _MISSING) for m in self._modules]
+        for m, value in zip(self._modules, self._values):
+            m.__dict__[name] = value
+
+    def __exit__(self, *exc: object) -> None:
+        name = self._name
+        for m, old in zip(self._modules, self._saved):
+            if old is _MISSING:
+                m.__dict__.pop(name, None)
+            else:
+                m.__dict__[name] = old
 
 
 class _ReusedCopy:

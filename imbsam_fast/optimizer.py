@@ -33,6 +33,7 @@ from .batchnorm import BatchNormSnapshot, BatchNormStats
 from .closures import split_wrapped_closure
 from .distributed import local_tensor, make_grad_sync
 from .fused_sgd import FusedSGDPlan, apply_fused_sgd, plan_fused_sgd, plan_grads
+from .grad_mode import without_grad
 from .hooks import HookHandle, StepHooks
 from .labels import check_targets
 from .masked_step import masked_base_step, nonfinite_flag, norms_finite, restore_where
@@ -314,7 +315,7 @@ class ImbSAM(Optimizer):
             p.grad = None
         self._phase = _STASHED
 
-    @torch.no_grad()
+    @without_grad
     def second_step(self) -> None:
         """After the tail backward: ``e = rho g_t / (||g_t||_2 + 1e-16)``, ``w <- w + e``.
 
@@ -336,7 +337,7 @@ class ImbSAM(Optimizer):
         self._head_grads = ([], [])
         self._phase = _PERTURBED
 
-    @torch.no_grad()
+    @without_grad
     def third_step(self, zero_grad: bool = True) -> None:
         """After the perturbed tail backward: restore ``w`` bit-exactly, base step on ``g_h + g_t'``.
 

@@ -145,6 +145,39 @@ def test_replayed_statistics_normalize_like_the_full_batch():
     assert "forward" not in bn.__dict__
 
 
+def test_replay_of_an_unrecorded_layer_patches_no_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.BatchNorm1d(4))
+    stats = BatchNormStats(model)
+    with stats.record():
+        model[0](torch.randn(8, 4))  # the second layer never ran: nothing recorded for it
+    with pytest.raises(RuntimeError, match="not in the full-batch forward"), stats.replay():
+        pass
+    assert all("forward" not in m.__dict__ for m in model)
+
+
+def test_replay_and_freeze_put_back_what_the_instance_had():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4)
+    calls = []
+
+    def user_forward(x):  # an instance-level patch of the user's (e.g. a wrapper), not BatchNorm's own forward
+        calls.append(x.shape[0])
+        return nn.BatchNorm1d.forward(bn, x)
+
+    bn.forward = user_forward
+    stats = BatchNormStats(bn)
+    with stats.record():
+        bn(torch.randn(8, 4))
+    with stats.replay():
+        bn(torch.randn(2, 4))
+    with stats.freeze_running_stats():
+        assert bn.track_running_stats is False
+    assert bn.__dict__["forward"] is user_forward and bn.track_running_stats is True
+    bn(torch.randn(3, 4))
+    assert calls == [8, 3]
+
+
 def test_closure_returning_wrong_shape_for_index_restores_weights():
     torch.manual_seed(0)
     model = mlp()

@@ -62,8 +62,11 @@ class StepRun:
 
     def forward(self, index: Optional[Tensor] = None) -> Tensor:
         """Per-sample losses of the closure: ``closure()`` for the batch, ``closure(index)`` for a subset."""
-        with torch.enable_grad():
+        if torch.is_grad_enabled():
             losses = self.closure() if index is None else self.closure(index)
+        else:
+            with torch.enable_grad():
+                losses = self.closure() if index is None else self.closure(index)
         expected = self.batch if index is None else index.shape[0]
         if not isinstance(losses, Tensor) or losses.shape != (expected,):
             shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
