@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import itertools
 import operator
+from collections import deque
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from functools import partial
+from itertools import repeat
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +48,18 @@ __all__ = ["BatchNormStats", "BatchNormSnapshot", "batchnorm_layers"]
 
 _RECORD_HOOK = -1_000_003
 """The key of :meth:`BatchNormStats.record`'s forward pre-hook (negative: never a handle id torch hands out)."""
+
+# Readers of layer attributes and buffers for the per-step loops over the layers (C-level, no bytecode per layer).
+_LAYER_MODE = operator.attrgetter("training", "momentum", "track_running_stats")
+_MOMENTUM = operator.attrgetter("momentum")
+_TRAINING = operator.attrgetter("training")
+_BUFFERS = operator.attrgetter("_buffers")
+_PRE_HOOKS = operator.attrgetter("_forward_pre_hooks")
+_INSTANCE_DICT = operator.attrgetter("__dict__")
+_IS_TENSOR = partial(operator.is_not, None)
+_POP_RECORD_HOOK = operator.methodcaller("pop", _RECORD_HOOK, None)
+_RUNNING_MEAN = operator.itemgetter("running_mean")
+_RUNNING_VAR = operator.itemgetter("running_var")
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -62,18 +77,19 @@ class BatchNormStats:
         self._per_call: set[_BatchNorm] = set()
         self._flat = _FlatStats()
         self._plan_key: Any = None
-        self._plan: tuple[list[_BatchNorm], list[_BatchNorm]] = ([], [])
+        self._plan = _LayerPlan([], [], [], [])
+        self._replay_calls: dict[_BatchNorm, int] = {}
         self._snapshot_copy = _ReusedCopy()
 
     def active(self) -> bool:
         """Whether any BatchNorm layer is in training mode (eval-mode layers need no handling)."""
-        return any(m.training for m in self.layers)
+        return any(map(_TRAINING, self.layers))
 
     def buffers(self) -> list[Tensor]:
         """The running statistics and batch counters of every layer (the tensors a forward may update)."""
         # A module's _buffers dict outlives model.to() (which replaces its values), and reading it directly
         # skips nn.Module.__getattr__.
-        return [t for m in self.layers for t in m._buffers.values() if t is not None]
+        return list(filter(_IS_TENSOR, itertools.chain.from_iterable(map(dict.values, map(_BUFFERS, self.layers)))))
 
     @without_grad
     def snapshot(self) -> Optional[BatchNormSnapshot]:
@@ -97,8 +113,9 @@ class BatchNormStats:
         Other layers (no running statistics, cumulative averaging, or called
         more than once per forward) compute ``var_mean`` of their input.
         """
-        self._stats = {}
-        training, order = self._record_plan()
+        self._stats.clear()  # in place: the replaying forwards read this dict
+        plan = self._layer_plan()
+        training, order = plan.training, plan.solved
         solved = set(order)
         flat = self._flat.gather(order) if order else None
         if flat is None:
@@ -126,50 +143,64 @@ class BatchNormStats:
             self._stats.setdefault(module, []).append((mean, var))
 
         # One dict entry per layer instead of register_forward_pre_hook's handle objects (this runs every step).
-        for m in training:
-            m._forward_pre_hooks[_RECORD_HOOK] = pre_hook
+        hooks = list(map(_PRE_HOOKS, training))
+        deque(map(operator.setitem, hooks, repeat(_RECORD_HOOK), repeat(pre_hook)), maxlen=0)
         try:
             yield
         finally:
-            for m in training:
-                m._forward_pre_hooks.pop(_RECORD_HOOK, None)
-        if flat is not None and all(m in solved and m in sizes for m in order):
-            self._stats.update(zip(order, flat.solve([sizes[m] for m in order])))
+            deque(map(_POP_RECORD_HOOK, hooks), maxlen=0)  # OrderedDict.pop: dict.pop would skip its links
+        # Every solved layer ran once (sizes holds the layers solved at their first call, solved loses those
+        # called again): one solve for all of them.
+        if flat is not None and len(solved) == len(sizes) == len(order):
+            self._stats.update(zip(order, flat.solve(list(map(sizes.__getitem__, order)))))
         elif flat is not None:
             for m in order:
                 if m in solved and m in sizes:
                     self._stats[m] = [flat.solve_one(m, sizes[m])]
 
-    def _record_plan(self) -> tuple[list[_BatchNorm], list[_BatchNorm]]:
-        """The training-mode layers and those among them whose statistics are solved, kept while the layers'
-        mode, momentum and tracking stay as they were (one read of each per step instead of the checks)."""
-        key = (tuple([(m.training, m.momentum, m.track_running_stats) for m in self.layers]), len(self._per_call))
+    def _layer_plan(self) -> _LayerPlan:
+        """Which layers each context acts on, kept while the layers' mode, momentum and tracking stay as they
+        were (one read of each per step instead of the checks)."""
+        key = (tuple(map(_LAYER_MODE, self.layers)), len(self._per_call))
         if self._plan_key != key:
             training = [m for m in self.layers if m.training]
-            self._plan = (training, [m for m in training if _derivable(m) and m not in self._per_call])
+            self._plan = _LayerPlan(
+                training,
+                [m for m in training if _derivable(m) and m not in self._per_call],
+                [m for m in training if m.track_running_stats],
+                [_replaying_forward(m, self._stats, self._replay_calls) for m in training],
+            )
             self._plan_key = key
         return self._plan
 
     def replay(self) -> _InstanceAttrs:
         """Within: training-mode layers normalize with the recorded statistics and update nothing."""
-        layers, forwards = [], []
-        for m in self.layers:
-            if not m.training:
-                continue
-            stats = self._stats.get(m)
-            if not stats:
-                raise RuntimeError(
-                    f"{type(m).__name__} ran in training mode in a tail pass but not in the full-batch forward; "
-                    "fast mode needs the same layers to run in both"
-                )
-            layers.append(m)
-            forwards.append(_replaying_forward(m, stats))
-        return _InstanceAttrs(layers, "forward", forwards)
+        plan = self._layer_plan()
+        if not all(map(self._stats.get, plan.training)):
+            m = next(m for m in plan.training if not self._stats.get(m))
+            raise RuntimeError(
+                f"{type(m).__name__} ran in training mode in a tail pass but not in the full-batch forward; "
+                "fast mode needs the same layers to run in both"
+            )
+        self._replay_calls.clear()
+        return _InstanceAttrs(plan.training, "forward", plan.replaying_forwards)
 
     def freeze_running_stats(self) -> _InstanceAttrs:
         """Within: training-mode layers use batch statistics but leave running statistics (and their count) alone."""
-        frozen = [m for m in self.layers if m.training and m.track_running_stats]
+        frozen = self._layer_plan().frozen
         return _InstanceAttrs(frozen, "track_running_stats", [False] * len(frozen))
+
+
+class _LayerPlan(NamedTuple):
+    """The layers each context of :class:`BatchNormStats` acts on, for the layers' current modes."""
+
+    training: list[_BatchNorm]
+    solved: list[_BatchNorm]
+    """Training-mode layers whose batch statistics :meth:`BatchNormStats.record` solves from running statistics."""
+    frozen: list[_BatchNorm]
+    """Training-mode layers that track running statistics."""
+    replaying_forwards: list[Callable[[Tensor], Tensor]]
+    """One per training-mode layer: its forward on the recorded statistics."""
 
 
 _MISSING = object()
@@ -189,18 +220,22 @@ class _InstanceAttrs:
         self._saved: list[Any] = []
 
     def __enter__(self) -> None:
-        name = self._name
-        self._saved = [m.__dict__.get(name, _MISSING) for m in self._modules]
-        for m, value in zip(self._modules, self._values):
-            m.__dict__[name] = value
+        name, dicts = self._name, list(map(_INSTANCE_DICT, self._modules))
+        self._saved = list(map(dict.get, dicts, repeat(name), repeat(_MISSING)))
+        deque(map(operator.setitem, dicts, repeat(name), self._values), maxlen=0)
 
     def __exit__(self, *exc: object) -> None:
-        name = self._name
-        for m, old in zip(self._modules, self._saved):
-            if old is _MISSING:
-                m.__dict__.pop(name, None)
-            else:
-                m.__dict__[name] = old
+        name, dicts, saved = self._name, list(map(_INSTANCE_DICT, self._modules)), self._saved
+        if all(map(operator.is_, saved, repeat(_MISSING))):
+            deque(map(dict.pop, dicts, repeat(name), repeat(None)), maxlen=0)
+        elif not any(map(operator.is_, saved, repeat(_MISSING))):
+            deque(map(operator.setitem, dicts, repeat(name), saved), maxlen=0)
+        else:
+            for d, old in zip(dicts, saved):
+                if old is _MISSING:
+                    d.pop(name, None)
+                else:
+                    d[name] = old
 
 
 class _ReusedCopy:
@@ -278,8 +313,9 @@ class _FlatStats:
         self._factors: dict[tuple[int, ...], Tensor] = {}
 
     def gather(self, layers: list[_BatchNorm]) -> Optional[_FlatStats]:
-        src = [m._buffers["running_mean"] for m in layers] + [m._buffers["running_var"] for m in layers]
-        momenta = tuple(float(m.momentum) for m in layers)  # type: ignore[arg-type]
+        buffers = list(map(_BUFFERS, layers))
+        src = list(map(_RUNNING_MEAN, buffers)) + list(map(_RUNNING_VAR, buffers))
+        momenta = tuple(map(float, map(_MOMENTUM, layers)))
         if (len(src) != len(self._src) or not all(map(operator.is_, src, self._src))
                 or momenta != self._momenta):
             if not self._layout(layers, src, momenta):
@@ -318,7 +354,7 @@ class _FlatStats:
         stats = _solved(self._old, torch.cat(self._src), self._inv_m, factor)
         parts = stats.split_with_sizes(self._counts)
         layers = len(sizes)
-        return [[(parts[i], parts[layers + i])] for i in range(layers)]
+        return [[pair] for pair in zip(parts[:layers], parts[layers:])]
 
     def solve_one(self, module: _BatchNorm, n: int) -> tuple[Tensor, Tensor]:
         """``(mean, biased var)`` of one gathered layer (called once more per forward from here on)."""
@@ -370,13 +406,17 @@ def _running(module: _BatchNorm) -> tuple[Tensor, Tensor]:
     return buffers.get("running_mean"), buffers.get("running_var")  # type: ignore[return-value]
 
 
-def _replaying_forward(module: _BatchNorm, stats: list[tuple[Tensor, Tensor]]):
-    calls = [0]
+def _replaying_forward(module: _BatchNorm, stats: dict[_BatchNorm, list[tuple[Tensor, Tensor]]],
+                       calls: dict[_BatchNorm, int]) -> Callable[[Tensor], Tensor]:
+    """``module``'s forward on its recorded statistics ``stats[module]``, in call order (cycling; ``calls``
+    counts this replay's calls and is cleared at each :meth:`BatchNormStats.replay`)."""
 
     def forward(x: Tensor) -> Tensor:
         module._check_input_dim(x)
-        mean, var = stats[calls[0] % len(stats)]
-        calls[0] += 1
+        recorded = stats[module]
+        k = calls.get(module, 0)
+        calls[module] = k + 1
+        mean, var = recorded[k % len(recorded)]
         return F.batch_norm(x, mean, var, module.weight, module.bias, training=False, momentum=0.0, eps=module.eps)
 
     return forward

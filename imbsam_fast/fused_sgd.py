@@ -13,6 +13,7 @@ gradient, and tensors the backend covers. Anything else takes the unfused path.
 from __future__ import annotations
 
 import operator
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from .optimizer import ImbSAM
 
 __all__ = ["FusedSGDPlan", "plan_fused_sgd"]
+
+_GRAD = operator.attrgetter("grad")
 
 FusedSGDPlan = list[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], dict[str, Any]]]
 """Per param group with gradients: (params, backups, grads, momentum buffers, the group)."""
@@ -136,10 +139,10 @@ class _KeptPlan:
             if isinstance(group["lr"], Tensor) or group.get("differentiable") or (group["momentum"] != 0) != bool(
                     buffers):
                 return None
-            grads = [p.grad for p in params]
-            if any(g is None for g in grads):
+            grads = list(map(_GRAD, params))
+            if not all(map(operator.is_not, grads, repeat(None))):
                 return None
-            if buffers and not all(map(operator.is_, [st.get("momentum_buffer") for st in states], buffers)):
+            if buffers and not all(map(operator.is_, map(dict.get, states, repeat("momentum_buffer")), buffers)):
                 return None
             # Gradients are new tensors every step, and a parameter's layout can change in place.
             if opt._ops._why_not((params, grads)) is not None:

@@ -64,7 +64,8 @@ def class_index(targets: Tensor, num_classes: int, ignore_index: int, source: st
     if targets.device.type == "cpu" and not device_check:
         # CPU tensors: reading the extremes is not a device sync, so fail eagerly with a clear message.
         if idx.numel():
-            low, high = (int(v) for v in torch.aminmax(idx))
+            extremes = torch.aminmax(idx)
+            low, high = int(extremes.min), int(extremes.max)
             if low < 0 or high > num_classes or (high == num_classes and bool((idx == num_classes).ne(ignored).any())):
                 _raise_bad_labels(targets, num_classes, ignored, ignore_index, source)
     else:

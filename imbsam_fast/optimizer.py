@@ -38,7 +38,7 @@ from .hooks import HookHandle, StepHooks
 from .labels import check_targets
 from .masked_step import masked_base_step, nonfinite_flag, norms_finite, restore_where
 from .options import check_adaptive, check_max_grad_norm, check_micro_batches, check_rho, class_weights_from
-from .param_buckets import ParamBuckets, params_with_grad
+from .param_buckets import ParamBuckets, all_params, clear_grads, grads_in, params_with_grad, set_grads
 from .priors import ClassWeights, sample_weights
 from .scaling import ScaledStep, check_scaler
 from .schedules import StepLosses, StepRun, check_index_closure, make_schedule
@@ -311,8 +311,7 @@ class ImbSAM(Optimizer):
         self._require(_IDLE, "first_step")
         params, grads, _ = params_with_grad(self.param_groups)
         self._head_grads = (params, grads)
-        for p in params:
-            p.grad = None
+        clear_grads(params)
         self._phase = _STASHED
 
     @without_grad
@@ -330,10 +329,8 @@ class ImbSAM(Optimizer):
         self._perturbed = buckets
         head_params, head_grads = self._head_grads
         if len(head_params) != len(params) or not all(map(operator.is_, head_params, params)):
-            for p in params:
-                p.grad = None
-        for p, g in zip(head_params, head_grads):
-            p.grad = g
+            clear_grads(params)
+        set_grads(head_params, head_grads)
         self._head_grads = ([], [])
         self._phase = _PERTURBED
 
@@ -393,8 +390,8 @@ class ImbSAM(Optimizer):
         tail_norm, self._tail_norm = self._tail_norm, None
         if self.capturable and (check or scaled is not None):
             found = scaled.found_flag(self) if scaled is not None else nonfinite_flag(total, tail_norm)
-            masked_base_step(self.base_optimizer, [p for g in self.param_groups for p in g["params"]
-                                                   if p.grad is not None], found)
+            masked_base_step(self.base_optimizer, [p for p in all_params(self.param_groups) if p.grad is not None],
+                             found)
             self._finish_on_device(found, zero_grad)
             return
         if scaled is not None:
@@ -422,7 +419,7 @@ class ImbSAM(Optimizer):
 
     def _local_grads(self) -> list[list[Tensor]]:
         """The gradients in ``.grad`` (local shards under FSDP2), one list per device and dtype."""
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = grads_in(self.param_groups)
         if self._sync.kind == "fsdp2":
             grads = [local_tensor(g) for g in grads]
         if not grads:
@@ -631,8 +628,7 @@ def _finite(total: Optional[Tensor], tail: Optional[Tensor]) -> bool:
 
 def _clear_grads(groups: list[dict[str, Any]]) -> None:
     for group in groups:
-        for p in group["params"]:
-            p.grad = None
+        clear_grads(group["params"])
 
 
 def _flatten_params(params: Any) -> list[Tensor]:

@@ -11,7 +11,10 @@ the buckets as their local shards.
 from __future__ import annotations
 
 import operator
-from typing import Any
+from collections import deque
+from functools import partial
+from itertools import chain, repeat
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -19,11 +22,21 @@ from torch import Tensor
 from .backends import Bucket
 from .distributed import local_tensor
 
-__all__ = ["ParamBuckets", "params_with_grad"]
+__all__ = ["ParamBuckets", "all_params", "grads_in", "params_with_grad", "set_grads", "clear_grads"]
 
 
 Setting = tuple[float, bool]
 """A parameter's ``(rho, adaptive)``, from its group."""
+
+
+_GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_DEVICE = operator.attrgetter("device")
+_DTYPE = operator.attrgetter("dtype")
+_PARAMS = operator.itemgetter("params")
+_IS_SET = partial(operator.is_not, None)
+# The per-step loops over the parameters run as map() over these readers and setattr: C-level loops with no
+# bytecode per parameter (ResNet-32 has 95 tensors; the loops below ran about 9,000 bytecodes a step).
 
 
 def params_with_grad(groups: list[dict[str, Any]]) -> tuple[list[Tensor], list[Tensor], list[Setting]]:
@@ -33,19 +46,39 @@ def params_with_grad(groups: list[dict[str, Any]]) -> tuple[list[Tensor], list[T
     grads: list[Tensor] = []
     rhos: list[Setting] = []
     for group in groups:
-        rho = (group["rho"], group["adaptive"])
-        for p in group["params"]:
-            g = p.grad
-            if g is not None:
-                if g.is_sparse:
-                    raise RuntimeError(
-                        "ImbSAM does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
-                        "use dense gradients"
-                    )
-                params.append(p)
-                grads.append(g)
-                rhos.append(rho)
+        ps = group["params"]
+        gs = list(map(_GRAD, ps))
+        if not all(map(operator.is_not, gs, repeat(None))):
+            kept = [i for i, g in enumerate(gs) if g is not None]
+            ps, gs = [ps[i] for i in kept], [gs[i] for i in kept]
+        if any(map(_IS_SPARSE, gs)):
+            raise RuntimeError(
+                "ImbSAM does not support sparse gradients (e.g. nn.Embedding(sparse=True)); use dense gradients"
+            )
+        params += ps
+        grads += gs
+        rhos += [(group["rho"], group["adaptive"])] * len(ps)
     return params, grads, rhos
+
+
+def all_params(groups: list[dict[str, Any]]) -> list[Tensor]:
+    """Every parameter of every group, in order."""
+    return list(chain.from_iterable(map(_PARAMS, groups)))
+
+
+def grads_in(groups: list[dict[str, Any]]) -> list[Tensor]:
+    """Every ``.grad`` that is set, in group and parameter order."""
+    return list(filter(_IS_SET, map(_GRAD, chain.from_iterable(map(_PARAMS, groups)))))
+
+
+def set_grads(params: list[Tensor], grads: Iterable[Optional[Tensor]]) -> None:
+    """``p.grad = g`` for each pair."""
+    deque(map(setattr, params, repeat("grad"), grads), maxlen=0)
+
+
+def clear_grads(params: list[Tensor]) -> None:
+    """``p.grad = None`` for each parameter."""
+    set_grads(params, repeat(None))
 
 
 class ParamBuckets:
@@ -71,7 +104,7 @@ class ParamBuckets:
                               for p, b in zip(bucket.params, bucket.backups)}
         if self._sharded:
             grads = [local_tensor(g) for g in grads]
-        return [Bucket(b.params, [grads[i] for i in slots], b.backups, b.rho, b.adaptive)
+        return [Bucket(b.params, list(map(grads.__getitem__, slots)), b.backups, b.rho, b.adaptive)
                 for b, slots in zip(self._layout, self._slots)]
 
     def _same(self, params: list[Tensor], rhos: list[Setting]) -> bool:
@@ -82,7 +115,8 @@ class ParamBuckets:
         # A parameter moved or re-typed in place (model.to() assigns .data): its backup must follow.
         for b in self._layout:
             device, dtype = b.backups[0].device, b.backups[0].dtype
-            if not all(p.device == device and p.dtype == dtype for p in b.params):
+            if any(map(operator.ne, map(_DEVICE, b.params), repeat(device))) or any(
+                    map(operator.ne, map(_DTYPE, b.params), repeat(dtype))):
                 return False
         return True
 

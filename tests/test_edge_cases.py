@@ -300,3 +300,33 @@ def test_closure_error_during_perturbed_pass_restores_weights():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step(_closure(model, x, y), y)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ext"])
+def test_parameters_retyped_in_place_get_new_backups(backend):
+    """``model.double()`` after a step keeps the Parameter objects and changes their dtype: the kept bucket
+    layout must notice, or the weights would be restored from fp32 backups (and lose their fp64 digits)."""
+    if backend == "ext":
+        pytest.importorskip("imbsam_fast.backends.extension")
+        from imbsam_fast.backends.extension import ext_available
+
+        if not ext_available():
+            pytest.skip("the C++ extension is not built")
+    torch.manual_seed(0)
+    model = mlp()
+    kw = dict(lr=0.1, tail_mask=TAIL, backend=backend)
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, **kw)
+    batches = vector_batches(3)
+    for i, (_, y) in enumerate(batches):
+        y[0] = 7 + i
+    x, y = batches[0]
+    opt.step(_closure(model, x, y), y)
+    twin = copy.deepcopy(model).double()
+    model.double()
+    fresh = ImbSAM(twin.parameters(), torch.optim.SGD, **kw)
+    for x, y in batches[1:]:  # the second fp64 step starts from weights with fp64 digits
+        opt.step(_closure(model, x.double(), y), y)
+        fresh.step(_closure(twin, x.double(), y), y)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert p.dtype == torch.float64
+        assert torch.equal(p, q)

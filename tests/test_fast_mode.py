@@ -166,14 +166,17 @@ def test_replay_and_freeze_put_back_what_the_instance_had():
         return nn.BatchNorm1d.forward(bn, x)
 
     bn.forward = user_forward
-    stats = BatchNormStats(bn)
+    plain = nn.BatchNorm1d(4)  # beside it, a layer with no instance attribute: it must get none back
+    model = nn.Sequential(bn, plain)
+    stats = BatchNormStats(model)
     with stats.record():
-        bn(torch.randn(8, 4))
+        model(torch.randn(8, 4))
     with stats.replay():
-        bn(torch.randn(2, 4))
+        model(torch.randn(2, 4))
     with stats.freeze_running_stats():
-        assert bn.track_running_stats is False
+        assert bn.track_running_stats is False and plain.track_running_stats is False
     assert bn.__dict__["forward"] is user_forward and bn.track_running_stats is True
+    assert "forward" not in plain.__dict__ and plain.track_running_stats is True
     bn(torch.randn(3, 4))
     assert calls == [8, 3]
 

@@ -10,6 +10,7 @@ propagates.
 from __future__ import annotations
 
 import inspect
+import operator
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, NamedTuple, Optional
 
@@ -19,11 +20,14 @@ from torch import Tensor
 from ..distributed import GradSync
 from ..hooks import ASCENT, HEAD
 from ..losses import weighted_sum
+from ..param_buckets import all_params, grads_in, set_grads
 
 if TYPE_CHECKING:
     from ..optimizer import ImbSAM
 
 __all__ = ["StepLosses", "StepRun", "check_index_closure"]
+
+_GRAD = operator.attrgetter("grad")
 
 
 class StepLosses(NamedTuple):
@@ -99,7 +103,7 @@ class StepRun:
     def finish(self, phase: str) -> None:
         """A pass is complete: the tail gradient at w is synchronized, then the ``after_backward`` hooks run."""
         if phase == ASCENT and self.sync.kind == "ddp":
-            self.sync.reduce_ascent(_grads(self.opt.param_groups))
+            self.sync.reduce_ascent(grads_in(self.opt.param_groups))
         for h in self.hooks:
             h.after_backward(self.opt, phase)
 
@@ -125,7 +129,7 @@ class StepRun:
         """Exact mode's first forward: g_h from the head loss (stashed), then g_t from the tail loss of the same
         forward in ``.grad``. Returns the per-sample losses, the head and the tail loss, detached."""
         chunks = self.chunks(None, head_w.device)
-        params = [p for group in self.opt.param_groups for p in group["params"]]
+        params = all_params(self.opt.param_groups)
         tail_grads: list[Optional[Tensor]] = [None] * len(params)
         losses, heads, tails = [], [], []
         for chunk in chunks:
@@ -142,11 +146,11 @@ class StepRun:
                     self.backward(tail, ASCENT)
                 else:
                     # g_h and g_t accumulate over chunks in two sets: swap the tail set into .grad for its backward.
-                    head_grads = [p.grad for p in params]
-                    _set_grads(params, tail_grads)
+                    head_grads = list(map(_GRAD, params))
+                    set_grads(params, tail_grads)
                     self.backward(tail, ASCENT)
-                    tail_grads = [p.grad for p in params]
-                    _set_grads(params, head_grads)
+                    tail_grads = list(map(_GRAD, params))
+                    set_grads(params, head_grads)
             losses.append(part.detach())
             heads.append(head.detach())
             tails.append(tail.detach())
@@ -154,7 +158,7 @@ class StepRun:
             if has_head:
                 self.finish(HEAD)
             self.stash()
-            _set_grads(params, tail_grads)
+            set_grads(params, tail_grads)
         self.finish(ASCENT)
         return _joined(losses), _summed(heads), _summed(tails)
 
@@ -187,15 +191,6 @@ class StepRun:
     def plain_step(self) -> None:
         """The base step on the gradients at hand (no ascent)."""
         self.opt._base_step()
-
-
-def _grads(groups: list[dict[str, Any]]) -> list[Tensor]:
-    return [p.grad for group in groups for p in group["params"] if p.grad is not None]
-
-
-def _set_grads(params: list[Tensor], grads: list[Optional[Tensor]]) -> None:
-    for p, g in zip(params, grads):
-        p.grad = g
 
 
 def _joined(parts: list[Tensor]) -> Tensor:
