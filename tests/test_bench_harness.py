@@ -88,3 +88,50 @@ def test_python_share_classifies_samples_by_their_innermost_frame(tmp_path):
     lines = share.report(total, counts, 0.112)
     python = next(ln for ln in lines if ln.endswith("outside fwd/bwd: python"))
     assert python.split()[:3] == ["7", "6.25%", "7.000"]
+
+
+def test_python_opcodes_counts_the_step_and_leaves_out_the_forward():
+    """The count is the same on every run, and Python work inside the closure's forward (``user_forward``)
+    or inside backward does not enter it."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch.nn.functional as F
+    from models import mlp, vector_batches
+
+    from imbsam_fast import ImbSAM
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "python_opcodes.py"
+    spec = importlib.util.spec_from_file_location("python_opcodes", path)
+    counter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(counter)
+    tail = torch.tensor([False] * 7 + [True] * 3)
+
+    def count(extra_python: int) -> int:
+        torch.manual_seed(0)
+        model = mlp()
+        opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1, tail_mask=tail, mode="fast", model=model)
+        batches = vector_batches(4)
+        for i, (_, y) in enumerate(batches):
+            y[0] = 7 + i % 3
+
+        def user_forward(x, y, index):
+            for _ in range(extra_python):
+                pass
+            return F.cross_entropy(model(x if index is None else x[index]), y if index is None else y[index],
+                                   reduction="none")
+
+        def step(i):
+            x, y = batches[i]
+            opt.step(lambda index=None: user_forward(x, y, index), y)
+
+        step(0)
+        total, per_site = counter.count_step_opcodes(lambda i: step(1 + i), 3)
+        assert sum(per_site.values()) == total
+        assert any("optimizer.py:step" in site for site in per_site)
+        return total
+
+    plain = count(0)
+    assert plain > 100
+    assert count(0) == plain
+    assert count(500) == plain
