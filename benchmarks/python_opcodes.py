@@ -10,6 +10,13 @@ A trace function (``sys.settrace`` with per-opcode events) counts every opcode e
 Work done inside C functions (torch operators, the ``map``-style builtins) is not counted: this measures
 the interpreter's share, not the step's host time.
 
+Bytecodes are not time. Rewriting the per-step loops over parameters and BatchNorm layers as C-level
+``map()`` calls cut a fast step's count 4x (19,360 to 4,629 on ResNet-32's structure) and moved neither
+py-spy's Python share nor the timed host cost outside the forwards and backwards beyond the machine's
+noise: the cost per element is the work on the objects (a Python wrapper for each new gradient, the
+tensors' and modules' attribute reads), the same in C as in bytecode. Use the count to see where the
+interpreter's work is, and time or sample any change you make because of it.
+
     python benchmarks/python_opcodes.py [--mode fast|exact] [--steps 20] [--width 1] [--top 15]
 """
 

@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections import deque
 from contextlib import contextmanager
-from functools import partial
-from itertools import repeat
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
@@ -49,15 +46,11 @@ __all__ = ["BatchNormStats", "BatchNormSnapshot", "batchnorm_layers"]
 _RECORD_HOOK = -1_000_003
 """The key of :meth:`BatchNormStats.record`'s forward pre-hook (negative: never a handle id torch hands out)."""
 
-# Readers of layer attributes and buffers for the per-step loops over the layers (C-level, no bytecode per layer).
+# Readers of layer attributes and buffers for the per-step checks over the layers.
 _LAYER_MODE = operator.attrgetter("training", "momentum", "track_running_stats")
 _MOMENTUM = operator.attrgetter("momentum")
 _TRAINING = operator.attrgetter("training")
 _BUFFERS = operator.attrgetter("_buffers")
-_PRE_HOOKS = operator.attrgetter("_forward_pre_hooks")
-_INSTANCE_DICT = operator.attrgetter("__dict__")
-_IS_TENSOR = partial(operator.is_not, None)
-_POP_RECORD_HOOK = operator.methodcaller("pop", _RECORD_HOOK, None)
 _RUNNING_MEAN = operator.itemgetter("running_mean")
 _RUNNING_VAR = operator.itemgetter("running_var")
 
@@ -89,7 +82,7 @@ class BatchNormStats:
         """The running statistics and batch counters of every layer (the tensors a forward may update)."""
         # A module's _buffers dict outlives model.to() (which replaces its values), and reading it directly
         # skips nn.Module.__getattr__.
-        return list(filter(_IS_TENSOR, itertools.chain.from_iterable(map(dict.values, map(_BUFFERS, self.layers)))))
+        return [t for m in self.layers for t in m._buffers.values() if t is not None]
 
     @without_grad
     def snapshot(self) -> Optional[BatchNormSnapshot]:
@@ -143,12 +136,13 @@ class BatchNormStats:
             self._stats.setdefault(module, []).append((mean, var))
 
         # One dict entry per layer instead of register_forward_pre_hook's handle objects (this runs every step).
-        hooks = list(map(_PRE_HOOKS, training))
-        deque(map(operator.setitem, hooks, repeat(_RECORD_HOOK), repeat(pre_hook)), maxlen=0)
+        for m in training:
+            m._forward_pre_hooks[_RECORD_HOOK] = pre_hook
         try:
             yield
         finally:
-            deque(map(_POP_RECORD_HOOK, hooks), maxlen=0)  # OrderedDict.pop: dict.pop would skip its links
+            for m in training:
+                m._forward_pre_hooks.pop(_RECORD_HOOK, None)
         # Every solved layer ran once (sizes holds the layers solved at their first call, solved loses those
         # called again): one solve for all of them.
         if flat is not None and len(solved) == len(sizes) == len(order):
@@ -220,22 +214,18 @@ class _InstanceAttrs:
         self._saved: list[Any] = []
 
     def __enter__(self) -> None:
-        name, dicts = self._name, list(map(_INSTANCE_DICT, self._modules))
-        self._saved = list(map(dict.get, dicts, repeat(name), repeat(_MISSING)))
-        deque(map(operator.setitem, dicts, repeat(name), self._values), maxlen=0)
+        name = self._name
+        self._saved = [m.__dict__.get(name, _MISSING) for m in self._modules]
+        for m, value in zip(self._modules, self._values):
+            m.__dict__[name] = value
 
     def __exit__(self, *exc: object) -> None:
-        name, dicts, saved = self._name, list(map(_INSTANCE_DICT, self._modules)), self._saved
-        if all(map(operator.is_, saved, repeat(_MISSING))):
-            deque(map(dict.pop, dicts, repeat(name), repeat(None)), maxlen=0)
-        elif not any(map(operator.is_, saved, repeat(_MISSING))):
-            deque(map(operator.setitem, dicts, repeat(name), saved), maxlen=0)
-        else:
-            for d, old in zip(dicts, saved):
-                if old is _MISSING:
-                    d.pop(name, None)
-                else:
-                    d[name] = old
+        name = self._name
+        for m, old in zip(self._modules, self._saved):
+            if old is _MISSING:
+                m.__dict__.pop(name, None)
+            else:
+                m.__dict__[name] = old
 
 
 class _ReusedCopy:

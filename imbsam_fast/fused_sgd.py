@@ -142,7 +142,7 @@ class _KeptPlan:
             grads = list(map(_GRAD, params))
             if not all(map(operator.is_not, grads, repeat(None))):
                 return None
-            if buffers and not all(map(operator.is_, map(dict.get, states, repeat("momentum_buffer")), buffers)):
+            if buffers and not all(map(operator.is_, [st.get("momentum_buffer") for st in states], buffers)):
                 return None
             # Gradients are new tensors every step, and a parameter's layout can change in place.
             if opt._ops._why_not((params, grads)) is not None:
