@@ -46,13 +46,8 @@ __all__ = ["BatchNormStats", "BatchNormSnapshot", "batchnorm_layers"]
 _RECORD_HOOK = -1_000_003
 """The key of :meth:`BatchNormStats.record`'s forward pre-hook (negative: never a handle id torch hands out)."""
 
-# Readers of layer attributes and buffers for the per-step checks over the layers.
 _LAYER_MODE = operator.attrgetter("training", "momentum", "track_running_stats")
-_MOMENTUM = operator.attrgetter("momentum")
-_TRAINING = operator.attrgetter("training")
-_BUFFERS = operator.attrgetter("_buffers")
-_RUNNING_MEAN = operator.itemgetter("running_mean")
-_RUNNING_VAR = operator.itemgetter("running_var")
+"""What a layer's :class:`_LayerPlan` entry depends on."""
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -76,7 +71,7 @@ class BatchNormStats:
 
     def active(self) -> bool:
         """Whether any BatchNorm layer is in training mode (eval-mode layers need no handling)."""
-        return any(map(_TRAINING, self.layers))
+        return any(m.training for m in self.layers)
 
     def buffers(self) -> list[Tensor]:
         """The running statistics and batch counters of every layer (the tensors a forward may update)."""
@@ -303,9 +298,8 @@ class _FlatStats:
         self._factors: dict[tuple[int, ...], Tensor] = {}
 
     def gather(self, layers: list[_BatchNorm]) -> Optional[_FlatStats]:
-        buffers = list(map(_BUFFERS, layers))
-        src = list(map(_RUNNING_MEAN, buffers)) + list(map(_RUNNING_VAR, buffers))
-        momenta = tuple(map(float, map(_MOMENTUM, layers)))
+        src = [m._buffers["running_mean"] for m in layers] + [m._buffers["running_var"] for m in layers]
+        momenta = tuple(float(m.momentum) for m in layers)  # type: ignore[arg-type]
         if (len(src) != len(self._src) or not all(map(operator.is_, src, self._src))
                 or momenta != self._momenta):
             if not self._layout(layers, src, momenta):
