@@ -13,7 +13,6 @@ gradient, and tensors the backend covers. Anything else takes the unfused path.
 from __future__ import annotations
 
 import operator
-from itertools import repeat
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -26,8 +25,6 @@ if TYPE_CHECKING:
     from .optimizer import ImbSAM
 
 __all__ = ["FusedSGDPlan", "plan_fused_sgd"]
-
-_GRAD = operator.attrgetter("grad")
 
 FusedSGDPlan = list[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], dict[str, Any]]]
 """Per param group with gradients: (params, backups, grads, momentum buffers, the group)."""
@@ -139,8 +136,8 @@ class _KeptPlan:
             if isinstance(group["lr"], Tensor) or group.get("differentiable") or (group["momentum"] != 0) != bool(
                     buffers):
                 return None
-            grads = list(map(_GRAD, params))
-            if not all(map(operator.is_not, grads, repeat(None))):
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):
                 return None
             if buffers and not all(map(operator.is_, [st.get("momentum_buffer") for st in states], buffers)):
                 return None

@@ -11,8 +11,6 @@ the buckets as their local shards.
 from __future__ import annotations
 
 import operator
-from functools import partial
-from itertools import chain, repeat
 from typing import Any, Iterable, Optional
 
 import torch
@@ -28,14 +26,6 @@ Setting = tuple[float, bool]
 """A parameter's ``(rho, adaptive)``, from its group."""
 
 
-_GRAD = operator.attrgetter("grad")
-_IS_SPARSE = operator.attrgetter("is_sparse")
-_DEVICE = operator.attrgetter("device")
-_DTYPE = operator.attrgetter("dtype")
-_PARAMS = operator.itemgetter("params")
-_IS_SET = partial(operator.is_not, None)
-
-
 def params_with_grad(groups: list[dict[str, Any]]) -> tuple[list[Tensor], list[Tensor], list[Setting]]:
     """The parameters whose ``.grad`` is set, those gradients, and their groups' ``(rho, adaptive)``;
     sparse gradients are an error."""
@@ -43,29 +33,29 @@ def params_with_grad(groups: list[dict[str, Any]]) -> tuple[list[Tensor], list[T
     grads: list[Tensor] = []
     rhos: list[Setting] = []
     for group in groups:
-        ps = group["params"]
-        gs = list(map(_GRAD, ps))
-        if not all(map(operator.is_not, gs, repeat(None))):
-            kept = [i for i, g in enumerate(gs) if g is not None]
-            ps, gs = [ps[i] for i in kept], [gs[i] for i in kept]
-        if any(map(_IS_SPARSE, gs)):
-            raise RuntimeError(
-                "ImbSAM does not support sparse gradients (e.g. nn.Embedding(sparse=True)); use dense gradients"
-            )
-        params += ps
-        grads += gs
-        rhos += [(group["rho"], group["adaptive"])] * len(ps)
+        rho = (group["rho"], group["adaptive"])
+        for p in group["params"]:
+            g = p.grad
+            if g is not None:
+                if g.is_sparse:
+                    raise RuntimeError(
+                        "ImbSAM does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
+                        "use dense gradients"
+                    )
+                params.append(p)
+                grads.append(g)
+                rhos.append(rho)
     return params, grads, rhos
 
 
 def all_params(groups: list[dict[str, Any]]) -> list[Tensor]:
     """Every parameter of every group, in order."""
-    return list(chain.from_iterable(map(_PARAMS, groups)))
+    return [p for group in groups for p in group["params"]]
 
 
 def grads_in(groups: list[dict[str, Any]]) -> list[Tensor]:
     """Every ``.grad`` that is set, in group and parameter order."""
-    return list(filter(_IS_SET, map(_GRAD, chain.from_iterable(map(_PARAMS, groups)))))
+    return [p.grad for group in groups for p in group["params"] if p.grad is not None]
 
 
 def set_grads(params: list[Tensor], grads: Iterable[Optional[Tensor]]) -> None:
@@ -103,7 +93,7 @@ class ParamBuckets:
                               for p, b in zip(bucket.params, bucket.backups)}
         if self._sharded:
             grads = [local_tensor(g) for g in grads]
-        return [Bucket(b.params, list(map(grads.__getitem__, slots)), b.backups, b.rho, b.adaptive)
+        return [Bucket(b.params, [grads[i] for i in slots], b.backups, b.rho, b.adaptive)
                 for b, slots in zip(self._layout, self._slots)]
 
     def _same(self, params: list[Tensor], rhos: list[Setting]) -> bool:
@@ -114,8 +104,7 @@ class ParamBuckets:
         # A parameter moved or re-typed in place (model.to() assigns .data): its backup must follow.
         for b in self._layout:
             device, dtype = b.backups[0].device, b.backups[0].dtype
-            if any(map(operator.ne, map(_DEVICE, b.params), repeat(device))) or any(
-                    map(operator.ne, map(_DTYPE, b.params), repeat(dtype))):
+            if not all(p.device == device and p.dtype == dtype for p in b.params):
                 return False
         return True
 

@@ -10,7 +10,6 @@ propagates.
 from __future__ import annotations
 
 import inspect
-import operator
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, NamedTuple, Optional
 
@@ -26,8 +25,6 @@ if TYPE_CHECKING:
     from ..optimizer import ImbSAM
 
 __all__ = ["StepLosses", "StepRun", "check_index_closure"]
-
-_GRAD = operator.attrgetter("grad")
 
 
 class StepLosses(NamedTuple):
@@ -146,10 +143,10 @@ class StepRun:
                     self.backward(tail, ASCENT)
                 else:
                     # g_h and g_t accumulate over chunks in two sets: swap the tail set into .grad for its backward.
-                    head_grads = list(map(_GRAD, params))
+                    head_grads = [p.grad for p in params]
                     set_grads(params, tail_grads)
                     self.backward(tail, ASCENT)
-                    tail_grads = list(map(_GRAD, params))
+                    tail_grads = [p.grad for p in params]
                     set_grads(params, head_grads)
             losses.append(part.detach())
             heads.append(head.detach())
