@@ -46,9 +46,6 @@ __all__ = ["BatchNormStats", "BatchNormSnapshot", "batchnorm_layers"]
 _RECORD_HOOK = -1_000_003
 """The key of :meth:`BatchNormStats.record`'s forward pre-hook (negative: never a handle id torch hands out)."""
 
-_LAYER_MODE = operator.attrgetter("training", "momentum", "track_running_stats")
-"""What a layer's :class:`_LayerPlan` entry depends on."""
-
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
     """Every BatchNorm layer (any ``_BatchNorm`` subclass) in ``model``."""
@@ -141,7 +138,7 @@ class BatchNormStats:
         # Every solved layer ran once (sizes holds the layers solved at their first call, solved loses those
         # called again): one solve for all of them.
         if flat is not None and len(solved) == len(sizes) == len(order):
-            self._stats.update(zip(order, flat.solve(list(map(sizes.__getitem__, order)))))
+            self._stats.update(zip(order, flat.solve([sizes[m] for m in order])))
         elif flat is not None:
             for m in order:
                 if m in solved and m in sizes:
@@ -150,7 +147,7 @@ class BatchNormStats:
     def _layer_plan(self) -> _LayerPlan:
         """Which layers each context acts on, kept while the layers' mode, momentum and tracking stay as they
         were (one read of each per step instead of the checks)."""
-        key = (tuple(map(_LAYER_MODE, self.layers)), len(self._per_call))
+        key = (tuple([(m.training, m.momentum, m.track_running_stats) for m in self.layers]), len(self._per_call))
         if self._plan_key != key:
             training = [m for m in self.layers if m.training]
             self._plan = _LayerPlan(
@@ -165,11 +162,11 @@ class BatchNormStats:
     def replay(self) -> _InstanceAttrs:
         """Within: training-mode layers normalize with the recorded statistics and update nothing."""
         plan = self._layer_plan()
-        if not all(map(self._stats.get, plan.training)):
-            m = next(m for m in plan.training if not self._stats.get(m))
+        unrecorded = [m for m in plan.training if not self._stats.get(m)]
+        if unrecorded:
             raise RuntimeError(
-                f"{type(m).__name__} ran in training mode in a tail pass but not in the full-batch forward; "
-                "fast mode needs the same layers to run in both"
+                f"{type(unrecorded[0]).__name__} ran in training mode in a tail pass but not in the full-batch "
+                "forward; fast mode needs the same layers to run in both"
             )
         self._replay_calls.clear()
         return _InstanceAttrs(plan.training, "forward", plan.replaying_forwards)
