@@ -43,12 +43,14 @@ def test_kept_memory_is_reused_without_page_faults():
         if sys.argv[1] == "keep":
             assert keep_freed_memory()
         faults = []
-        for _ in range(6):
+        for _ in range(12):
             f0 = minor_faults()
             t = torch.ones(16 << 20)  # 64 MiB, touched page by page
             del t
             faults.append(minor_faults() - f0)
-        print(*faults[3:])  # the steady state: glibc may take the first allocations afresh
+        # The steady state: with memory kept, glibc still took the 2nd to 5th allocation afresh in 19 of 30
+        # runs on the 2-core CI machine (never a later one), so the last three of twelve are the ones compared.
+        print(*faults[9:])
     """)
     counts = {}
     for how in ("keep", "default"):
