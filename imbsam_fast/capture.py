@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from .masked_step import state_restore_pairs
 from .optimizer import ImbSAM, StepLosses
+from .param_buckets import all_params
 
 __all__ = ["CapturedStep"]
 
@@ -152,7 +153,7 @@ class _TrainingState:
 
     def __init__(self, opt: ImbSAM, model: Optional[nn.Module]) -> None:
         self.opt = opt
-        params = [p for g in opt.param_groups for p in g["params"]]
+        params = all_params(opt.param_groups)
         self.params = [(p, p.detach().clone()) for p in params]
         if model is not None:
             buffers = list(model.buffers())
@@ -170,7 +171,7 @@ class _TrainingState:
             t.copy_(saved)
         opt = self.opt
         state = opt.base_optimizer.state
-        params = [p for g in opt.param_groups for p in g["params"] if p in state]
+        params = [p for p in all_params(opt.param_groups) if p in state]
         befores = [self.state.get(id(p), {}) for p in params]
         for t, saved in zip(*state_restore_pairs(state, params, befores)):
             t.copy_(saved)

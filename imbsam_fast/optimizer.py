@@ -164,14 +164,14 @@ class ImbSAM(Optimizer):
         self.param_groups = base.param_groups
         self.defaults.update({k: v for k, v in base.defaults.items() if k not in self.defaults})
         self._fill_rho()
-        self._sync = make_grad_sync(model, [p for g in self.param_groups for p in g["params"]], ascent_sync)
+        self._sync = make_grad_sync(model, all_params(self.param_groups), ascent_sync)
         if capturable:
             self._make_base_capturable()
 
         self._set_class_weights(weights)
         self.nonfinite = nonfinite
         self.ignore_index = ignore_index
-        devices = {p.device.type for g in self.param_groups for p in g["params"]}
+        devices = {p.device.type for p in all_params(self.param_groups)}
         self._ops = resolve_param_backend(backend, devices, capturable)
         self._step_hooks: list[StepHooks] = []
         self.steps = 0
@@ -202,7 +202,7 @@ class ImbSAM(Optimizer):
                 )
             if params is not None:
                 ours = {id(p) for p in _flatten_params(params)}
-                theirs = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+                theirs = {id(p) for p in all_params(base_optimizer.param_groups)}
                 if ours != theirs:
                     raise ValueError("params differ from the parameters of the given base optimizer instance")
             super().__init__(base_optimizer.param_groups, own)
