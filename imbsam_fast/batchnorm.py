@@ -63,12 +63,26 @@ class BatchNormStats:
         self._flat = _FlatStats()
         self._plan_key: Any = None
         self._plan = _LayerPlan([], [], [], [])
+        self._pinned: Optional[_LayerPlan] = None
         self._replay_calls: dict[_BatchNorm, int] = {}
         self._snapshot_copy = _ReusedCopy()
 
     def active(self) -> bool:
         """Whether any BatchNorm layer is in training mode (eval-mode layers need no handling)."""
+        if self._pinned is not None:
+            return bool(self._pinned.training)
         return any(m.training for m in self.layers)
+
+    def pin_plan(self) -> None:
+        """Read the layers' modes once, for every context until :meth:`unpin_plan`: a step's record, replay
+        and freeze then share one plan instead of reading 31 layers' modes each (the modes cannot change
+        between a step's passes without the user's closure changing them mid-step)."""
+        self._pinned = None
+        self._pinned = self._layer_plan()
+
+    def unpin_plan(self) -> None:
+        """Back to reading the layers' modes at every context."""
+        self._pinned = None
 
     def buffers(self) -> list[Tensor]:
         """The running statistics and batch counters of every layer (the tensors a forward may update)."""
@@ -146,7 +160,9 @@ class BatchNormStats:
 
     def _layer_plan(self) -> _LayerPlan:
         """Which layers each context acts on, kept while the layers' mode, momentum and tracking stay as they
-        were (one read of each per step instead of the checks)."""
+        were (one read of each per step instead of the checks), or the plan pinned by :meth:`pin_plan`."""
+        if self._pinned is not None:
+            return self._pinned
         key = (tuple([(m.training, m.momentum, m.track_running_stats) for m in self.layers]), len(self._per_call))
         if self._plan_key != key:
             training = [m for m in self.layers if m.training]

@@ -117,6 +117,29 @@ def test_tail_passes_leave_batchnorm_running_stats_alone():
     _assert_buffers_saw_one_forward(model, probe, x)
 
 
+def test_a_layer_switched_to_eval_between_steps_is_left_alone():
+    """A step reads the layers' modes once (the pinned plan) and lets go of them after: a layer put in eval
+    mode between two steps, also after a step that failed, keeps its running statistics and runs in no
+    context of the next step."""
+    torch.manual_seed(0)
+    model = small_cnn()
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, **KW)
+    (x, y), (x2, y2) = image_batches(2)
+    y[:3], y2[:3] = torch.tensor([7, 8, 9]), torch.tensor([7, 8, 9])
+    opt.step(_closure(model, x, y), y)
+
+    def broken(index=None):
+        raise KeyError("user error")
+
+    with pytest.raises(KeyError):
+        opt.step(broken, y)
+    layer = model[4]
+    layer.eval()
+    running = [b.clone() for b in layer.buffers()]
+    opt.step(_closure(model, x2, y2), y2)
+    assert all(torch.equal(a, b) for a, b in zip(layer.buffers(), running))
+
+
 def test_single_tail_sample_with_batchnorm1d():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))

@@ -83,6 +83,13 @@ class FastSchedule:
 
     def run(self, run: StepRun, targets: Tensor, head_w: Tensor, tail_w: Tensor, has_head: bool,
             has_tail: bool) -> StepLosses:
+        self._bn.pin_plan()
+        try:
+            return self._run(run, head_w, tail_w, has_head, has_tail)
+        finally:
+            self._bn.unpin_plan()
+
+    def _run(self, run: StepRun, head_w: Tensor, tail_w: Tensor, has_head: bool, has_tail: bool) -> StepLosses:
         if self.tail_capacity is not None and has_tail:
             return self._run_fixed(run, head_w, tail_w, has_head)
         # The tail passes are sized by the number of tail samples: reading it is one
