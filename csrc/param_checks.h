@@ -5,16 +5,27 @@
 
 namespace imbsam_fast {
 
+// What the kernels do not take (tensors on several devices or of several dtypes, non-contiguous ones) is a
+// NotImplementedError in Python, raised before anything is written: the caller may then run the torch ops
+// instead (imbsam_fast/backends/ext_ops.py). Anything else wrong with the arguments is a RuntimeError.
+
 // Every tensor of the list on one device, of one dtype, and contiguous.
 inline void check_list(at::TensorList ts, const char* what) {
   if (ts.empty()) return;
   const auto dtype = ts[0].scalar_type();
   const auto device = ts[0].device();
   for (const auto& t : ts) {
-    TORCH_CHECK(t.device() == device && t.scalar_type() == dtype, "imbsam_fast: the tensors of ", what,
-                " must share one device and dtype");
-    TORCH_CHECK(t.is_contiguous(), "imbsam_fast: the tensors of ", what, " must be contiguous");
+    TORCH_CHECK_NOT_IMPLEMENTED(t.device() == device && t.scalar_type() == dtype, "imbsam_fast: the tensors of ",
+                                what, " must share one device and dtype");
+    TORCH_CHECK_NOT_IMPLEMENTED(t.is_contiguous(), "imbsam_fast: the tensors of ", what, " must be contiguous");
   }
+}
+
+// Two non-empty lists checked by check_list hold tensors of the same device and dtype.
+inline void check_same_kind(at::TensorList a, at::TensorList b, const char* what) {
+  if (a.empty() || b.empty()) return;
+  TORCH_CHECK_NOT_IMPLEMENTED(a[0].device() == b[0].device() && a[0].scalar_type() == b[0].scalar_type(),
+                              "imbsam_fast: ", what, ": the lists must share one device and dtype");
 }
 
 // Two lists of the same length whose i-th tensors hold as many elements.
@@ -32,12 +43,15 @@ inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::
   check_list(backups, "backups");
   check_parallel(params, grads, "perturb_");
   check_parallel(params, backups, "perturb_");
+  check_same_kind(params, grads, "perturb_");
+  check_same_kind(params, backups, "perturb_");
 }
 
 inline void check_restore_args(at::TensorList params, at::TensorList backups) {
   check_list(params, "params");
   check_list(backups, "backups");
   check_parallel(params, backups, "restore_");
+  check_same_kind(params, backups, "restore_");
 }
 
 inline void check_restore_sgd_args(at::TensorList params, at::TensorList backups, at::TensorList grads,
@@ -47,9 +61,12 @@ inline void check_restore_sgd_args(at::TensorList params, at::TensorList backups
   check_list(grads, "grads");
   check_parallel(params, backups, "restore_sgd_");
   check_parallel(params, grads, "restore_sgd_");
+  check_same_kind(params, backups, "restore_sgd_");
+  check_same_kind(params, grads, "restore_sgd_");
   if (with_momentum) {
     check_list(buffers, "momentum_buffers");
     check_parallel(params, buffers, "restore_sgd_");
+    check_same_kind(params, buffers, "restore_sgd_");
   }
 }
 

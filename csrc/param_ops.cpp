@@ -215,7 +215,6 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
 void restore_(at::TensorList params, at::TensorList backups) {
   if (params.empty()) return;
   check_restore_args(params, backups);
-  TORCH_CHECK(params[0].scalar_type() == backups[0].scalar_type(), "imbsam_fast::restore_: dtypes differ");
   const auto chunks = chunk_table(params);
   const int64_t item = params[0].element_size();
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {

@@ -189,6 +189,55 @@ def test_trajectory_with_the_extension_equals_the_torch_backend(mode):
     assert ((got - want).norm() / want.norm()) < 1e-5
 
 
+class _CountingOps:
+    """``torch.ops.imbsam_fast`` with a count of the calls that refused their lists."""
+
+    def __init__(self, inner):
+        self.inner, self.refused = inner, 0
+
+    def __getattr__(self, name):
+        op = getattr(self.inner, name)
+
+        def call(*args):
+            try:
+                return op(*args)
+            except NotImplementedError:
+                self.refused += 1
+                raise
+
+        return call
+
+
+@pytestmark_ext
+def test_a_bucket_the_kernels_refuse_goes_through_the_torch_ops_once_refused():
+    """Channels-last convolution weights (non-contiguous, and so are their gradients): the ops refuse the bucket
+    before writing, the torch ops take it with the same trajectory as the torch backend, the fallback is named,
+    and later steps do not ask the kernels again."""
+    from models import image_batches
+
+    tail = torch.tensor([False] * 7 + [True] * 3)
+
+    def run(backend):
+        torch.manual_seed(0)
+        model = small_cnn(10).to(memory_format=torch.channels_last)
+        assert not all(p.is_contiguous() for p in model.parameters())
+        opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, tail_mask=tail, mode="fast",
+                     model=model, backend=backend)
+        if backend == "ext":
+            opt._ops._ops = _CountingOps(opt._ops._ops)
+        for i, (x, y) in enumerate(image_batches(4)):
+            y[i % 16] = 8
+            opt.step(lambda index=None, x=x, y=y: torch.nn.functional.cross_entropy(
+                model(x if index is None else x[index]), y if index is None else y[index], reduction="none"), y)
+        return opt, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    opt, got = run("ext")
+    _, want = run("torch")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert "non-contiguous tensors" in opt.backend_fallbacks
+    assert opt._ops._ops.refused == 1
+
+
 def test_missing_extension_names_how_to_build(monkeypatch):
     from imbsam_fast.backends import ext_ops
 
@@ -373,7 +422,9 @@ def _continue(model, opt, steps=2):
 @pytestmark_ext
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA_EXT)])
 def test_the_ops_refuse_lists_they_cannot_walk(device):
-    """The CPU and CUDA kernels share one set of argument checks: a wrong list is an error, never a stray read."""
+    """The CPU and CUDA kernels share one set of argument checks: a wrong list is an error, never a stray read.
+    What the torch ops could take instead (non-contiguous tensors, mixed devices or dtypes, also across the
+    lists) is a NotImplementedError, raised before anything is written; a malformed call a RuntimeError."""
     w = [torch.zeros(5, device=device), torch.zeros(3, device=device)]
     b = [t.clone() for t in w]
     g = [t.clone() for t in w]
@@ -384,10 +435,23 @@ def test_the_ops_refuse_lists_they_cannot_walk(device):
         ops.perturb_(w, [g[0], torch.zeros(4, device=device)], b, torch.ones((), device=device), 0.05, 1e-12)
     with pytest.raises(RuntimeError, match="restore_sgd_: tensor 0 differs in size"):
         ops.restore_sgd_(w, b, g, [torch.zeros(6, device=device), buf[1]], 0.1, 0.9, 0.0, 0.0, False, False)
-    with pytest.raises(RuntimeError, match="must be contiguous"):
+    for call in (lambda: ops.restore_(w, b[:1]), lambda: ops.perturb_(w, g, b[:1], torch.ones(()), 0.05, 1e-12)):
+        with pytest.raises(RuntimeError) as bad_call:
+            call()
+        assert not isinstance(bad_call.value, NotImplementedError)
+    with pytest.raises(NotImplementedError, match="must be contiguous"):
         ops.sq_norm([torch.zeros(4, 4, device=device).t()])
-    with pytest.raises(RuntimeError, match="one device and dtype"):
+    with pytest.raises(NotImplementedError, match="one device and dtype"):
         ops.restore_(w, [b[0], b[1].double()])
+    ones = [torch.ones_like(t) for t in w]
+    for call in (lambda: ops.restore_(w, [t.double() for t in ones]),
+                 lambda: ops.perturb_(w, [t.double() for t in ones], ones, torch.ones((), device=device), 0.05,
+                                      1e-12),
+                 lambda: ops.restore_sgd_(w, ones, ones, [t.double() for t in ones], 0.1, 0.9, 0.0, 0.0, False,
+                                          False)):
+        with pytest.raises(NotImplementedError, match="must share one device and dtype"):
+            call()
+    assert not any(t.any() for t in w), "a refused call wrote"
 
 
 @pytestmark_ext

@@ -5,11 +5,16 @@ the bucket's tensors: no per-tensor dispatch. Contiguous fp32, fp64, fp16 and
 bf16 tensors on the CPU are covered, and on CUDA when the extension was built
 with its CUDA kernels; anything else (non-contiguous tensors, other devices)
 and ASAM's adaptive buckets go through the torch ops and are named in ``fallbacks``.
+
+A bucket's tensors are not walked in Python to find out: the ops check every
+tensor themselves and refuse what they do not take with a ``NotImplementedError``
+before they write anything. The bucket then goes through the torch ops, and so
+does every later call on the same bucket layout (one refusal, not one a step).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -22,6 +27,7 @@ from .torch_ops import TorchParamOps, perturb_bucket_
 __all__ = ["ExtParamOps"]
 
 _COVERED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_REFUSALS_KEPT = 16
 
 
 class ExtParamOps(ListCoverage):
@@ -36,6 +42,8 @@ class ExtParamOps(ListCoverage):
         self._ops = torch.ops.imbsam_fast
         self._torch = TorchParamOps(capturable)
         self.fallbacks: set[str] = set()
+        self._refused: dict[int, list[Tensor]] = {}
+        """``id(bucket.params) -> bucket.params`` of layouts an op refused (kept, so the id stays its own)."""
         has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
         self._devices = {d for d in ("cpu", "cuda") if has_kernel("imbsam_fast::sq_norm", d.upper())}
 
@@ -52,8 +60,36 @@ class ExtParamOps(ListCoverage):
             return self._ops.sq_norm(grads)
         return self._torch.sq_norm(grads)
 
-    def _total(self, grad_lists: list[list[Tensor]], reduce: SqNormReduce) -> Tensor:
-        parts = [self.sq_norm(gs) for gs in grad_lists if gs]
+    def _tries(self, b: Bucket) -> bool:
+        """Whether to run the kernels on bucket ``b``: its first tensor's device and dtype are covered and no
+        earlier call refused its layout (the kernels check the rest themselves)."""
+        if id(b.params) in self._refused:
+            return False
+        why = self._why_not_first(b.params[0])
+        if why is not None:
+            self.fallbacks.add(why)
+        return why is None
+
+    def _on_bucket(self, b: Bucket, op: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+        """``(True, op(*args))``, or ``(False, None)`` when ``b`` goes through the torch ops: refused now (the op
+        wrote nothing, and the layout is remembered) or before."""
+        if not self._tries(b):
+            return False, None
+        try:
+            return True, op(*args)
+        except NotImplementedError as err:
+            if len(self._refused) >= _REFUSALS_KEPT:
+                self._refused.clear()
+            self._refused[id(b.params)] = b.params
+            self.fallbacks.add("non-contiguous tensors" if "contiguous" in str(err) else "mixed devices or dtypes")
+            return False, None
+
+    def _bucket_sq_norm(self, b: Bucket) -> Tensor:
+        ran, out = self._on_bucket(b, self._ops.sq_norm, b.grads)
+        return out if ran else self._torch.sq_norm(b.grads)
+
+    @staticmethod
+    def _reduced(parts: list[Tensor], reduce: SqNormReduce) -> Tensor:
         if len({p.dtype for p in parts}) > 1:
             parts = [p.double() for p in parts]
         total = sum_sq_norms(parts)
@@ -61,27 +97,25 @@ class ExtParamOps(ListCoverage):
 
     def grad_norm(self, grad_lists: list[list[Tensor]], reduce: SqNormReduce = None) -> Tensor:
         """Global ``||g||_2 = sqrt(reduce(sum_j ||g_j||^2))``."""
-        return self._total(grad_lists, reduce).sqrt()
+        return self._reduced([self.sq_norm(gs) for gs in grad_lists if gs], reduce).sqrt()
 
     def perturb_(self, buckets: list[Bucket], reduce: SqNormReduce = None) -> Tensor:
         """One global norm, then per bucket ``backup <- w``, ``w <- w + rho / (norm + 1e-16) * g``."""
         if any(b.adaptive for b in buckets):
             self.fallbacks.add("adaptive (ASAM)")
             return self._torch.perturb_(buckets, reduce)
-        total = self._total([b.grads for b in buckets], reduce)
+        total = self._reduced([self._bucket_sq_norm(b) for b in buckets], reduce)
         for b in buckets:
-            if self.covers(b.params, b.grads, b.backups):
-                self._ops.perturb_(b.params, b.grads, b.backups, total, b.rho, EPS)
-            else:
+            ran, _ = self._on_bucket(b, self._ops.perturb_, b.params, b.grads, b.backups, total, b.rho, EPS)
+            if not ran:
                 perturb_bucket_(b, (b.rho / (total.sqrt() + EPS)).to(b.device), capturable=True)
         return total.sqrt()
 
     def restore_(self, buckets: list[Bucket]) -> None:
         """Bit-exact restore: ``w <- backup``."""
         for b in buckets:
-            if self.covers(b.params, b.backups):
-                self._ops.restore_(b.params, b.backups)
-            else:
+            ran, _ = self._on_bucket(b, self._ops.restore_, b.params, b.backups)
+            if not ran:
                 torch._foreach_copy_(b.params, b.backups)
 
     def restore_sgd_(self, params: list[Tensor], backups: list[Tensor], grads: list[Tensor],
