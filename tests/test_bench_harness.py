@@ -138,3 +138,17 @@ def test_python_opcodes_counts_the_step_and_leaves_out_the_forward():
     assert plain > 100
     assert count(0) == plain
     assert count(500) == plain
+
+
+def test_cold_calls_times_each_repeat_at_the_ascent_hook():
+    """Every step reaches the ascent hook, and each of the repeated calls is timed there."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cold_calls.py"
+    spec = importlib.util.spec_from_file_location("cold_calls", path)
+    cold = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cold)
+    torch.manual_seed(0)
+    us = cold.measure(width=1, steps=3, repeat=2, warmup=1)
+    assert len(us) == 2 and all(t > 0 for t in us)
