@@ -238,6 +238,23 @@ def test_a_bucket_the_kernels_refuse_goes_through_the_torch_ops_once_refused():
     assert opt._ops._ops.refused == 1
 
 
+@pytestmark_ext
+def test_under_compile_the_backend_checks_the_lists_instead_of_asking_the_ops(monkeypatch):
+    """While torch.compile traces, a refusal could not fall back at run time: the lists are walked in Python."""
+    from imbsam_fast.backends.ext_ops import ExtParamOps
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    backend = ExtParamOps()
+    backend._ops = _CountingOps(backend._ops)
+    w = [torch.randn(4, 3).t(), torch.randn(5)]
+    bucket = Bucket(w, [torch.randn_like(t) for t in w], [torch.empty_like(t) for t in w], 0.05)
+    start = [t.clone() for t in w]
+    backend.perturb_([bucket])
+    backend.restore_([bucket])
+    assert backend._ops.refused == 0 and "non-contiguous tensors" in backend.fallbacks
+    assert all(torch.equal(a, b) for a, b in zip(w, start))
+
+
 def test_missing_extension_names_how_to_build(monkeypatch):
     from imbsam_fast.backends import ext_ops
 

@@ -19,7 +19,8 @@ class ListCoverage:
     every backend needs the lists on one device and dtype, and every tensor contiguous. Within a
     list, tensors share device and dtype: the optimizer buckets parameters that way, autograd gives
     each gradient its parameter's device and dtype, and backups are made with ``empty_like``. So only
-    the first tensor of each list is inspected for those, and every tensor for contiguity.
+    the first tensor of each list is inspected for those, and every tensor for contiguity. (The C++
+    extension's bucket ops check every tensor themselves, so its backend skips that walk for buckets.)
     """
 
     fallbacks: set[str]

@@ -75,6 +75,11 @@ class ExtParamOps(ListCoverage):
         wrote nothing, and the layout is remembered) or before."""
         if not self._tries(b):
             return False, None
+        if torch.compiler.is_compiling():
+            # Traced once: walk the lists here, as a refusal inside a compiled graph could not fall back.
+            if not self.covers(*[a for a in args if isinstance(a, list)]):
+                return False, None
+            return True, op(*args)
         try:
             return True, op(*args)
         except NotImplementedError as err:
