@@ -63,26 +63,27 @@ class BatchNormStats:
         self._flat = _FlatStats()
         self._plan_key: Any = None
         self._plan = _LayerPlan([], [], [], [])
+        self._pinning = False
         self._pinned: Optional[_LayerPlan] = None
         self._replay_calls: dict[_BatchNorm, int] = {}
         self._snapshot_copy = _ReusedCopy()
 
     def active(self) -> bool:
         """Whether any BatchNorm layer is in training mode (eval-mode layers need no handling)."""
-        if self._pinned is not None:
-            return bool(self._pinned.training)
+        if self._pinning:
+            return bool(self._layer_plan().training)
         return any(m.training for m in self.layers)
 
     def pin_plan(self) -> None:
-        """Read the layers' modes once, for every context until :meth:`unpin_plan`: a step's record, replay
-        and freeze then share one plan instead of reading 31 layers' modes each (the modes cannot change
-        between a step's passes without the user's closure changing them mid-step)."""
-        self._pinned = None
-        self._pinned = self._layer_plan()
+        """Until :meth:`unpin_plan`, read the layers' modes once, at the first context that needs them: a step's
+        record, replay and freeze then share one plan instead of reading 31 layers' modes each (the modes cannot
+        change between a step's passes unless the user's closure changes them mid-step). A step that needs no
+        context reads nothing."""
+        self._pinning, self._pinned = True, None
 
     def unpin_plan(self) -> None:
         """Back to reading the layers' modes at every context."""
-        self._pinned = None
+        self._pinning, self._pinned = False, None
 
     def buffers(self) -> list[Tensor]:
         """The running statistics and batch counters of every layer (the tensors a forward may update)."""
@@ -173,6 +174,8 @@ class BatchNormStats:
                 [_replaying_forward(m, self._stats, self._replay_calls) for m in training],
             )
             self._plan_key = key
+        if self._pinning:
+            self._pinned = self._plan
         return self._plan
 
     def replay(self) -> _InstanceAttrs:

@@ -140,6 +140,17 @@ def test_a_layer_switched_to_eval_between_steps_is_left_alone():
     assert all(torch.equal(a, b) for a, b in zip(layer.buffers(), running))
 
 
+def test_a_batch_without_tail_reads_no_batchnorm_layer_plan():
+    """The pinned plan is read at the first context that needs it: a tail-free batch needs none."""
+    torch.manual_seed(0)
+    model = small_cnn()
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, **KW)
+    x, y = image_batches(1)[0]
+    y = y % 7
+    opt.step(_closure(model, x, y), y)
+    assert opt._bn._plan_key is None
+
+
 def test_single_tail_sample_with_batchnorm1d():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
