@@ -24,7 +24,9 @@ from .backends import Bucket
 if TYPE_CHECKING:
     from .optimizer import ImbSAM
 
-__all__ = ["FusedSGDPlan", "plan_fused_sgd"]
+__all__ = ["FusedSGDPlan", "plan_fused_sgd", "fused_sgd_applies", "kept_plan"]
+
+_momentum_buffer = operator.itemgetter("momentum_buffer")
 
 FusedSGDPlan = list[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], dict[str, Any]]]
 """Per param group with gradients: (params, backups, grads, momentum buffers, the group)."""
@@ -37,14 +39,7 @@ def plan_fused_sgd(opt: ImbSAM, buckets: list[Bucket], backup_of: dict[int, tupl
     The per-parameter part of a plan (parameters, backups, momentum buffers) is kept across steps
     in ``opt._fused_plan`` and reused, with the step's gradients, while it still holds.
     """
-    fused = getattr(opt._ops, "restore_sgd_", None)
-    base = opt.base_optimizer
-    if fused is None or type(base) is not torch.optim.SGD or opt.max_grad_norm is not None:
-        return None
-    if opt._scaled is not None or (opt._step_hooks if opt._active_hooks is None else opt._active_hooks):
-        return None
-    if (base._optimizer_step_pre_hooks or base._optimizer_step_post_hooks or _global_optimizer_pre_hooks
-            or _global_optimizer_post_hooks or opt._sync.kind == "fsdp2"):
+    if not fused_sgd_applies(opt):
         return None
     kept: Optional[_KeptPlan] = opt._fused_plan
     if kept is not None and kept.backup_of is backup_of:
@@ -52,8 +47,31 @@ def plan_fused_sgd(opt: ImbSAM, buckets: list[Bucket], backup_of: dict[int, tupl
         if plan is not None:
             return plan
     plan = _plan(opt, buckets, backup_of)
-    opt._fused_plan = None if plan is None else _KeptPlan(plan, backup_of, base.state, opt.param_groups)
+    opt._fused_plan = None if plan is None else _KeptPlan(plan, backup_of, opt.base_optimizer.state, opt.param_groups)
     return plan
+
+
+def fused_sgd_applies(opt: ImbSAM) -> bool:
+    """Whether this step's base step may be fused: the backend offers it, a plain SGD base, no clipping,
+    no scaler, no step hooks (ImbSAM's, the base optimizer's or torch's global ones), no FSDP2."""
+    base = opt.base_optimizer
+    if getattr(opt._ops, "restore_sgd_", None) is None or type(base) is not torch.optim.SGD:
+        return False
+    if opt.max_grad_norm is not None or opt._scaled is not None or (
+            opt._step_hooks if opt._active_hooks is None else opt._active_hooks):
+        return False
+    return not (base._optimizer_step_pre_hooks or base._optimizer_step_post_hooks or _global_optimizer_pre_hooks
+                or _global_optimizer_post_hooks or opt._sync.kind == "fsdp2")
+
+
+def kept_plan(opt: ImbSAM, backup_of: dict[int, tuple[Tensor, int]]) -> Optional[_KeptPlan]:
+    """The plan kept from an earlier step when the fused step applies and the plan still holds for the
+    parameters, the optimizer state and the groups; the gradients are not read (the extension's
+    ParamBook reads them itself)."""
+    kept: Optional[_KeptPlan] = opt._fused_plan
+    if kept is None or kept.backup_of is not backup_of or not fused_sgd_applies(opt) or not kept.holds(opt):
+        return None
+    return kept
 
 
 def plan_grads(plan: FusedSGDPlan) -> list[list[Tensor]]:
@@ -120,26 +138,38 @@ class _KeptPlan:
         self.param_states = [[state[p] for p in params] if buffers else [] for params, _, _, buffers, _ in plan]
         self.entries = tuple(state.values())
 
-    def refresh(self, opt: ImbSAM) -> Optional[FusedSGDPlan]:
-        """The plan with this step's gradients, or ``None`` when it no longer holds."""
+    def holds(self, opt: ImbSAM) -> bool:
+        """Whether the plan still holds, gradients apart: the same state, groups and momentum buffers, and no
+        gradient on a parameter outside the plan."""
         if opt.base_optimizer.state is not self.state:
-            return None
-        # No parameter outside the plan may have a gradient (the groups are the same size as when planned).
+            return False
+        # The groups are the same size as when planned.
         if sum(len(g["params"]) for g in opt.param_groups) != self.total or any(
                 p.grad is not None for p in self.others):
-            return None
+            return False
         state = self.state
         if len(state) != len(self.entries) or not all(map(operator.is_, state.values(), self.entries)):
-            return None
-        out: FusedSGDPlan = []
-        for (params, backups, _, buffers, group), states in zip(self.plan, self.param_states):
+            return False
+        for (_, _, _, buffers, group), states in zip(self.plan, self.param_states):
             if isinstance(group["lr"], Tensor) or group.get("differentiable") or (group["momentum"] != 0) != bool(
                     buffers):
-                return None
+                return False
+            if buffers:
+                try:
+                    if not all(map(operator.is_, map(_momentum_buffer, states), buffers)):
+                        return False
+                except KeyError:
+                    return False
+        return True
+
+    def refresh(self, opt: ImbSAM) -> Optional[FusedSGDPlan]:
+        """The plan with this step's gradients, or ``None`` when it no longer holds."""
+        if not self.holds(opt):
+            return None
+        out: FusedSGDPlan = []
+        for params, backups, _, buffers, group in self.plan:
             grads = [p.grad for p in params]
             if any(g is None for g in grads):
-                return None
-            if buffers and not all(map(operator.is_, [st.get("momentum_buffer") for st in states], buffers)):
                 return None
             # Gradients are new tensors every step, and a parameter's layout can change in place.
             if opt._ops._why_not((params, grads)) is not None:

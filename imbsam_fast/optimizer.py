@@ -29,10 +29,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .backends import Bucket, resolve_param_backend
+from .backends.ext_book import ExtBook, book_available
 from .batchnorm import BatchNormSnapshot, BatchNormStats
 from .closures import split_wrapped_closure
 from .distributed import local_tensor, make_grad_sync
-from .fused_sgd import FusedSGDPlan, apply_fused_sgd, plan_fused_sgd, plan_grads
+from .fused_sgd import FusedSGDPlan, apply_fused_sgd, kept_plan, plan_fused_sgd, plan_grads
 from .grad_mode import without_grad
 from .hooks import HookHandle, StepHooks
 from .labels import check_targets
@@ -189,6 +190,10 @@ class ImbSAM(Optimizer):
         self._active_hooks: Optional[list[StepHooks]] = None
         self._restored_bn = False
         self._fused_plan: Any = None
+        self._book = (ExtBook(self._ops) if self._ops.name == "ext" and not capturable and self._sync.kind != "fsdp2"
+                      and book_available() else None)
+        """The phases' gradient bookkeeping in C++ (:mod:`imbsam_fast.backends.ext_book`), or ``None``."""
+        self._book_ascended = False
 
     def _build_base(self, params: Any, base_optimizer: Any, own: dict[str, Any], base_kwargs: dict[str, Any]
                     ) -> Optimizer:
@@ -309,6 +314,10 @@ class ImbSAM(Optimizer):
     def first_step(self) -> None:
         """After the head backward: move each ``.grad`` aside (no copy) as ``g_h``."""
         self._require(_IDLE, "first_step")
+        book = self._book
+        if book is not None and not torch.compiler.is_compiling() and book.take(self.param_groups, self._buckets):
+            self._phase = _STASHED
+            return
         params, grads, _ = params_with_grad(self.param_groups)
         self._head_grads = (params, grads)
         clear_grads(params)
@@ -323,6 +332,15 @@ class ImbSAM(Optimizer):
         gradient is put back as ``.grad`` so the perturbed backward accumulates onto it.
         """
         self._require(_STASHED, "second_step")
+        book = self._book
+        if book is not None and book.holding:
+            ascended = book.ascend(self.param_groups, self._buckets)
+            if ascended is not None:
+                self._perturbed, self._tail_norm = ascended
+                self._book_ascended = True
+                self._phase = _PERTURBED
+                return
+            self._head_grads = book.hand_back()  # type: ignore[assignment]
         params, grads, rhos = params_with_grad(self.param_groups)
         buckets = self._buckets.build(params, grads, rhos)
         self._tail_norm = self._ops.perturb_(buckets, self._sq_reduce)
@@ -344,6 +362,9 @@ class ImbSAM(Optimizer):
         self._require(_PERTURBED, "third_step")
         perturbed, self._perturbed = self._perturbed, []
         self._phase = _IDLE
+        ascended, self._book_ascended = self._book_ascended, False
+        if ascended and self._book_base_step(perturbed, zero_grad):
+            return
         plan = plan_fused_sgd(self, perturbed, self._buckets.backup_of)
         if plan is None:
             self._ops.restore_(perturbed)
@@ -370,6 +391,36 @@ class ImbSAM(Optimizer):
         apply_fused_sgd(self, plan)
         if zero_grad:
             _clear_grads(self.param_groups)
+
+    def _book_base_step(self, perturbed: list[Bucket], zero_grad: bool) -> bool:
+        """:meth:`_fused_base_step` through the extension's ParamBook, with the fused plan kept from an earlier
+        step. ``False``, with nothing changed, where no kept plan holds or the book refuses."""
+        book = self._book
+        kept = kept_plan(self, self._buckets.backup_of)
+        if book is None or kept is None:
+            return False
+        check = self.nonfinite != "none"
+        tail_norm = self._tail_norm
+        try:
+            total = book.sgd_step(kept, not check, tail_norm)
+            finite = not check or _finite(total, tail_norm)
+            if finite:
+                book.restore_sgd(kept)
+        except NotImplementedError as err:
+            book.refused(self._buckets, err)
+            return False
+        self._opt_called = True
+        self.steps += 1
+        self._tail_norm = None
+        if not finite:
+            self._ops.restore_(perturbed)
+            self._skip()
+            self._report_nonfinite()
+            return True
+        self.last_step_skipped = False
+        if zero_grad:
+            book.clear()
+        return True
 
     @property
     def _sq_reduce(self) -> Optional[Callable[[Tensor], Tensor]]:
@@ -574,6 +625,9 @@ class ImbSAM(Optimizer):
             self._ops.restore_(self._perturbed)
         self._perturbed = []
         self._head_grads = ([], [])
+        if self._book is not None:
+            self._book.drop()
+        self._book_ascended = False
         self._tail_norm = None
         self._phase = _IDLE
         _clear_grads(self.param_groups)

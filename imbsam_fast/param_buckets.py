@@ -82,8 +82,19 @@ class ParamBuckets:
         self._sharded = False
         self.backup_of: dict[int, tuple[Tensor, int]] = {}
         """``id(parameter) -> (its backup, its bucket's position)`` in the current layout."""
+        self.generation = 0
+        """Counts the regroupings: a layout kept elsewhere (the extension's ParamBook) is current while it holds."""
 
     def build(self, params: list[Tensor], grads: list[Tensor], rhos: list[Setting]) -> list[Bucket]:
+        self.layout(params, rhos)
+        if self._sharded:
+            grads = [local_tensor(g) for g in grads]
+        return [Bucket(b.params, [grads[i] for i in slots], b.backups, b.rho, b.adaptive)
+                for b, slots in zip(self._layout, self._slots)]
+
+    def layout(self, params: list[Tensor], rhos: list[Setting]) -> list[Bucket]:
+        """The buckets of ``params`` (their parameters and backups; no gradients), regrouped when ``params``,
+        their settings or their devices and dtypes changed."""
         if not self._same(params, rhos):
             local = [local_tensor(p) for p in params]
             self._sharded = any(map(operator.is_not, local, params))
@@ -91,10 +102,8 @@ class ParamBuckets:
             self._params, self._rhos = params, rhos
             self.backup_of = {id(p): (b, k) for k, bucket in enumerate(self._layout)
                               for p, b in zip(bucket.params, bucket.backups)}
-        if self._sharded:
-            grads = [local_tensor(g) for g in grads]
-        return [Bucket(b.params, [grads[i] for i in slots], b.backups, b.rho, b.adaptive)
-                for b, slots in zip(self._layout, self._slots)]
+            self.generation += 1
+        return self._layout
 
     def _same(self, params: list[Tensor], rhos: list[Setting]) -> bool:
         if len(params) != len(self._params) or rhos != self._rhos:

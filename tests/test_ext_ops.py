@@ -281,7 +281,8 @@ def test_jit_build_compiles_csrc_into_a_cache(tmp_path):
     assert any(tmp_path.glob("*.so"))
 
 
-def _train_small(steps=5, hooks=None, **options):
+def _train_small(steps=5, hooks=None, book=True, **options):
+    """``book=False``: the Python phases only (the extension's ParamBook switched off)."""
     from models import image_batches
 
     tail = torch.tensor([False] * 7 + [True] * 3)
@@ -291,6 +292,8 @@ def _train_small(steps=5, hooks=None, **options):
                  tail_mask=tail, model=model, backend="ext", **options)
     if hooks is not None:
         opt.register_step_hooks(hooks)
+    if not book:
+        opt._book = None
     torch.manual_seed(1)
     for i, (x, y) in enumerate(image_batches(steps)):
         y[i % 16] = 8
@@ -303,22 +306,41 @@ def _train_small(steps=5, hooks=None, **options):
     return model, opt
 
 
-@pytestmark_ext
-def test_fused_restore_sgd_gives_the_unfused_trajectory(monkeypatch):
+def _count_fused_steps(monkeypatch) -> list[str]:
+    """Which fused path each fused base step took: "python" (apply_fused_sgd) or "book" (the ParamBook)."""
     from imbsam_fast import fused_sgd, optimizer
+    from imbsam_fast.backends.ext_book import ExtBook
 
     calls = []
-    real = fused_sgd.apply_fused_sgd
+    real, real_book = fused_sgd.apply_fused_sgd, ExtBook.restore_sgd
 
-    def counted(opt, plan):
-        calls.append(len(plan))
-        real(opt, plan)
+    def counted(opt, plan, skip=None):
+        calls.append("python")
+        real(opt, plan, skip)
+
+    def counted_book(self, kept):
+        calls.append("book")
+        real_book(self, kept)
 
     monkeypatch.setattr(optimizer, "apply_fused_sgd", counted)
-    fused, _ = _train_small()
-    assert len(calls) == 4, "the fused pass runs from the second step on (SGD's first step makes the buffers)"
+    monkeypatch.setattr(ExtBook, "restore_sgd", counted_book)
+    return calls
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("book", [True, False], ids=["book", "python-phases"])
+def test_fused_restore_sgd_gives_the_unfused_trajectory(monkeypatch, book):
+    from imbsam_fast import optimizer
+
+    calls = _count_fused_steps(monkeypatch)
+    fused, _ = _train_small(book=book)
+    # SGD's first step makes the buffers; the second plans the fused pass; the book takes the kept plan after.
+    assert calls == (["python"] + ["book"] * 3 if book else ["python"] * 4)
+    calls.clear()
     monkeypatch.setattr(optimizer, "plan_fused_sgd", lambda *a: None)
-    unfused, _ = _train_small()
+    monkeypatch.setattr(optimizer, "kept_plan", lambda *a: None)
+    unfused, _ = _train_small(book=book)
+    assert calls == []
     for a, b in zip(fused.parameters(), unfused.parameters()):
         assert ulp_distance(a.detach(), b.detach()) <= 1
     for a, b in zip(fused.buffers(), unfused.buffers()):
@@ -326,22 +348,24 @@ def test_fused_restore_sgd_gives_the_unfused_trajectory(monkeypatch):
 
 
 @pytestmark_ext
-def test_fused_path_steps_aside_for_hooks_clipping_and_subclasses(monkeypatch):
-    from imbsam_fast import StepHooks, optimizer
+@pytest.mark.parametrize("book", [True, False], ids=["book", "python-phases"])
+def test_fused_path_steps_aside_for_hooks_clipping_and_subclasses(monkeypatch, book):
+    from imbsam_fast import StepHooks
 
-    calls = []
-    monkeypatch.setattr(optimizer, "apply_fused_sgd", lambda opt, plan: calls.append(1))
-    _train_small(steps=3, max_grad_norm=1.0)
-
-    _train_small(steps=3, hooks=StepHooks())
+    calls = _count_fused_steps(monkeypatch)
+    _train_small(steps=4, max_grad_norm=1.0, book=book)
+    _train_small(steps=4, hooks=StepHooks(), book=book)
     assert calls == []
-    _train_small(steps=3)
-    assert len(calls) == 2
+    _train_small(steps=4, book=book)
+    assert calls == (["python", "book", "book"] if book else ["python"] * 3)
 
 
 @pytestmark_ext
-def test_fused_path_skips_a_nonfinite_step_and_restores_the_weights():
-    model, opt = _train_small(steps=2)
+@pytest.mark.parametrize("book", [True, False], ids=["book", "python-phases"])
+def test_fused_path_skips_a_nonfinite_step_and_restores_the_weights(monkeypatch, book):
+    calls = _count_fused_steps(monkeypatch)
+    model, opt = _train_small(steps=3, book=book)
+    assert calls[-1] == ("book" if book else "python")
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.randn(16, 3, 8, 8)
     y = torch.arange(16) % 10
