@@ -374,7 +374,7 @@ class ImbSAM(Optimizer):
 
     def _fused_base_step(self, perturbed: list[Any], plan: FusedSGDPlan, zero_grad: bool) -> None:
         """The non-finite policy on the gradients, then restore + SGD in one pass (no hooks: the plan needs none)."""
-        self._opt_called = True
+        self._opt_called = self.base_optimizer._opt_called = True  # type: ignore[attr-defined]
         self.steps += 1
         tail_norm, self._tail_norm = self._tail_norm, None
         if self.capturable and self.nonfinite != "none":
@@ -409,7 +409,8 @@ class ImbSAM(Optimizer):
         except NotImplementedError as err:
             book.refused(self._buckets, err)
             return False
-        self._opt_called = True
+        # The base optimizer's step is taken here: a scheduler attached to it must see it as taken.
+        self._opt_called = self.base_optimizer._opt_called = True  # type: ignore[attr-defined]
         self.steps += 1
         self._tail_norm = None
         if not finite:

@@ -180,6 +180,25 @@ def test_scheduler_attached_to_base_optimizer_also_works():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("ext", marks=pytest.mark.skipif(
+    not __import__("imbsam_fast.backends.extension", fromlist=["x"]).ext_available(), reason="no C++ extension"))])
+def test_a_scheduler_on_the_base_optimizer_sees_fused_steps_as_taken(backend):
+    """The fused restore + SGD pass takes the base step without calling base.step() (with no momentum, from the
+    first step on): a scheduler attached to the base optimizer must not warn that it stepped first."""
+    import warnings
+
+    model = mlp()
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=1.0, tail_mask=TAIL, backend=backend)
+    sched = torch.optim.lr_scheduler.StepLR(opt.base_optimizer, step_size=1, gamma=0.5)
+    for x, y in vector_batches(4):
+        y[0] = 9
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step(_closure(model, x, y), y)
+            sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0 / 16)
+
+
 def test_restore_is_bit_exact_where_subtraction_is_not():
     """w + e - e differs from w in the last bits for many entries; ImbSAM's restore does not."""
     torch.manual_seed(0)
