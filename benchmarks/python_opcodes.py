@@ -17,7 +17,7 @@ noise: the cost per element is the work on the objects (a Python wrapper for eac
 tensors' and modules' attribute reads), the same in C as in bytecode. Use the count to see where the
 interpreter's work is, and time or sample any change you make because of it.
 
-    python benchmarks/python_opcodes.py [--mode fast|exact] [--steps 20] [--width 1] [--top 15]
+    python benchmarks/python_opcodes.py [--mode fast|exact] [--steps 20] [--width 1] [--top 15] [--no-book]
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def main(argv: Any = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--width", type=int, default=1, help="ResNet-32's first-stage channels (16: the model)")
     ap.add_argument("--top", type=int, default=15, help="functions to list")
+    ap.add_argument("--no-book", action="store_true", help="the Python phases (the extension's ParamBook off)")
     args = ap.parse_args(argv)
     from imbsam_fast.apps.bench.step_time import cifar100_lt_batches, make_steppers
 
@@ -99,6 +100,8 @@ def main(argv: Any = None) -> int:
     data = [(x if args.width >= 16 else x[:, :, :8, :8], y) for x, y in data if int(mask[y].sum()) > 0]
     stepper, opts = make_steppers(torch.device("cpu"), mask, methods=[args.mode], width=args.width)
     opt, model = opts[args.mode], stepper.models[args.mode]
+    if args.no_book:
+        opt._book = None
 
     def user_forward(x, y, index):  # noqa: ANN001
         return F.cross_entropy(model(x if index is None else x[index]), y if index is None else y[index],

@@ -7,6 +7,7 @@ native library (torch operators, OpenMP, math). Samples inside the closure's for
 are counted apart. py-spy is not a dependency: ``pip install py-spy`` first (it needs ptrace rights).
 
     python benchmarks/python_share.py [--mode fast|exact] [--steps 20] [--rate 100] [--width 16] [--threads N]
+                                      [--no-book]
 
 The same steps first run without the sampler, and their time per step turns each share into milliseconds
 (the sampler slows the process down about uniformly, so shares carry over, absolute times do not).
@@ -36,6 +37,8 @@ data, mask = cifar100_lt_batches({n} * 2 + 20, 64, 20, torch.device("cpu"), 1)
 data = [(x if {width} >= 16 else x[:, :, :8, :8], y) for x, y in data if int(mask[y].sum()) > 0][:{n}]
 step, opts = make_steppers(torch.device("cpu"), mask, methods=["{mode}"], width={width})
 opt, model = opts["{mode}"], step.models["{mode}"]
+if {no_book}:
+    opt._book = None
 def user_forward(x, y, index):
     return F.cross_entropy(model(x if index is None else x[index]), y if index is None else y[index],
                            reduction="none")
@@ -99,6 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=16, help="ResNet-32's first-stage channels (16: the model)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--raw", help="also keep py-spy's raw samples in this file")
+    ap.add_argument("--no-book", action="store_true", help="the Python phases (the extension's ParamBook off)")
     args = ap.parse_args(argv)
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
@@ -106,7 +110,8 @@ def main(argv=None) -> int:
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         script, raw = Path(tmp) / "target.py", Path(tmp) / "raw.txt"
-        script.write_text(TARGET.format(n=args.steps, mode=args.mode, width=args.width, threads=args.threads))
+        script.write_text(TARGET.format(n=args.steps, mode=args.mode, width=args.width, threads=args.threads,
+                                       no_book=args.no_book))
         plain = subprocess.run([sys.executable, str(script)], check=True, capture_output=True, text=True)
         step_seconds = float(plain.stdout.split()[-1])
         subprocess.run([spy, "record", "--native", "-r", str(args.rate), "-f", "raw", "-o", str(raw), "--",

@@ -152,3 +152,36 @@ def test_cold_calls_times_each_repeat_at_the_ascent_hook():
     torch.manual_seed(0)
     us = cold.measure(width=1, steps=3, repeat=2, warmup=1)
     assert len(us) == 2 and all(t > 0 for t in us)
+
+
+@pytest.mark.skipif(not __import__("imbsam_fast.backends.ext_book", fromlist=["x"]).book_available(),
+                    reason="the C++ extension is not built")
+def test_the_book_benchmark_times_both_phases_on_the_same_batches(capsys, monkeypatch):
+    """The A/B runs the ParamBook on one optimizer and the Python phases on the other, over the same batches."""
+    import importlib.util
+    from pathlib import Path
+
+    from imbsam_fast.apps.bench import step_time
+    from imbsam_fast.optimizer import ImbSAM
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ext_book.py"
+    spec = importlib.util.spec_from_file_location("ext_book_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    books = []
+    real_step = ImbSAM.step
+
+    def step(self, *a, **k):
+        books.append(self._book is not None)
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(ImbSAM, "step", step)
+    assert step_time._host_timer.__defaults__ == (True,)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--batches", "4", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "book / python phases:" in out and "python phases" in out
+    assert books.count(True) == books.count(False) == 7

@@ -269,8 +269,10 @@ def structural_host_time(methods: Sequence[str], eta: float, batches: int, width
         torch.set_num_threads(threads)
 
 
-def _host_timer(method: str, tail_mask: torch.Tensor, width: int) -> Callable[[torch.Tensor, torch.Tensor], float]:
-    """``time(x, y)``: one step of ``method`` on its own model; returns its host seconds outside fwd/bwd."""
+def _host_timer(method: str, tail_mask: torch.Tensor, width: int, book: bool = True
+                ) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """``time(x, y)``: one step of ``method`` on its own model; returns its host seconds outside fwd/bwd.
+    ``book=False`` switches off the extension's ParamBook (the Python phases, for an A/B)."""
     torch.manual_seed(0)
     model = resnet32(width=width)
     if method == "sgd":
@@ -289,6 +291,8 @@ def _host_timer(method: str, tail_mask: torch.Tensor, width: int) -> Callable[[t
     if method == "fast-ghost":
         mode["fast_bn"] = "ghost"
     opt = ImbSAM(model.parameters(), torch.optim.SGD, **kw, **mode, **KW)
+    if not book:
+        opt._book = None
     windows = _WallWindows()
     opt.register_step_hooks(windows)
 
