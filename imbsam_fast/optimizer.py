@@ -97,7 +97,9 @@ class ImbSAM(Optimizer):
             also serve as the BatchNorm ghost batch); a batch with more than ``K`` tail samples
             takes a uniform random subset of ``K`` of them, reweighted by ``n_tail / K`` (unbiased).
             ``ghost_batch`` does not apply then.
-        backend: ``"auto" | "torch" | "triton" | "ext"`` for the parameter ops.
+        backend: ``"auto" | "torch" | "triton" | "ext"`` for the parameter ops. With ``"ext"``
+            the phases' gradient bookkeeping runs in C++ too
+            (:mod:`imbsam_fast.backends.ext_book`).
         nonfinite: a NaN/inf in the tail or combined gradient: ``"skip"`` the base
             step (weights and BatchNorm buffers restored, counted in
             ``skipped_steps``, a warning), ``"raise"`` ``FloatingPointError``
