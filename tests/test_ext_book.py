@@ -349,3 +349,30 @@ def test_a_nonfinite_step_through_the_book_is_skipped():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(torch.equal(p, b) for p, b in zip(model.buffers(), buffers))
     assert all(p.grad is None for p in model.parameters())
+
+
+_CUDA_EXT = (torch.cuda.is_available() and ext_available()
+             and torch._C._dispatch_has_kernel_for_dispatch_key("imbsam_fast::sq_norm", "CUDA"))
+
+
+@pytest.mark.skipif(not _CUDA_EXT, reason="needs a CUDA device and the extension built with its CUDA kernels")
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_on_cuda_the_book_gives_the_python_phases_trajectory(mode):
+    """The book calls the CUDA kernels through the dispatcher: the same kernels, so the same bits."""
+
+    def run(book):
+        torch.manual_seed(0)
+        model = small_cnn(10).cuda()
+        opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, tail_mask=TAIL.cuda(), mode=mode,
+                     model=model, backend="ext")
+        if not book:
+            opt._book = None
+        for i, (x, y) in enumerate(image_batches(5)):
+            x, y = x.cuda(), y.cuda()
+            y[i] = 8
+            opt.step(per_sample_closure(model, x, y), y)
+        return model, opt
+
+    got = run(True)
+    assert got[1]._book._generation == got[1]._buckets.generation, "the book ran"
+    _same_state(got, run(False))
