@@ -404,7 +404,7 @@ class ImbSAM(Optimizer):
         check = self.nonfinite != "none"
         tail_norm = self._tail_norm
         try:
-            total = book.sgd_step(kept, not check, tail_norm)
+            total = book.sgd_step(kept, not check)
             finite = not check or _finite(total, tail_norm)
             if finite:
                 book.restore_sgd(kept)

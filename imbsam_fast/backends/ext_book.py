@@ -120,7 +120,7 @@ class ExtBook:
         self.holding = False
         return self._params, grads
 
-    def sgd_step(self, kept: _KeptPlan, skip_check: bool, tail_norm: Optional[Tensor]) -> Optional[Tensor]:
+    def sgd_step(self, kept: _KeptPlan, skip_check: bool) -> Optional[Tensor]:
         """The non-finite check's norm ``||g||_2`` (``None`` when ``skip_check``), read before anything is written.
         Raises ``NotImplementedError`` (nothing written) when the book refuses."""
         if self._sgd_of is not kept:
