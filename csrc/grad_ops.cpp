@@ -49,9 +49,11 @@ std::vector<at::Tensor> dense_grads(at::TensorList params) {
   return grads;
 }
 
+using Run = std::pair<size_t, size_t>;
+
 // The [begin, end) offsets of consecutive runs of ``sizes`` tensors, which must cover ``n`` tensors.
-std::vector<std::pair<size_t, size_t>> runs(c10::IntArrayRef sizes, size_t n, const char* what) {
-  std::vector<std::pair<size_t, size_t>> out;
+std::vector<Run> runs(c10::IntArrayRef sizes, size_t n, const char* what) {
+  std::vector<Run> out;
   size_t begin = 0;
   for (const int64_t s : sizes) {
     TORCH_CHECK(s > 0, "imbsam_fast: ", what, ": sizes must be positive");
@@ -62,12 +64,7 @@ std::vector<std::pair<size_t, size_t>> runs(c10::IntArrayRef sizes, size_t n, co
   return out;
 }
 
-template <typename T>
-at::ArrayRef<T> slice(const std::vector<T>& v, const std::pair<size_t, size_t>& r) {
-  return at::ArrayRef<T>(v).slice(r.first, r.second - r.first);
-}
-
-at::TensorList slice(at::TensorList v, const std::pair<size_t, size_t>& r) {
+at::TensorList slice(at::TensorList v, const Run& r) {
   return v.slice(r.first, r.second - r.first);
 }
 
@@ -91,9 +88,9 @@ at::Tensor summed(std::vector<at::Tensor> parts) {
   return at::stack(parts).sum();
 }
 
-at::Tensor grads_sq_norm(const std::vector<at::Tensor>& grads, c10::IntArrayRef sizes) {
+at::Tensor grads_sq_norm(at::TensorList grads, const std::vector<Run>& lists) {
   std::vector<at::Tensor> parts;
-  for (const auto& r : runs(sizes, grads.size(), "grads_norm")) {
+  for (const auto& r : lists) {
     auto part = slice(grads, r);
     check_list(part, "grads");
     parts.push_back(sq_norm_op(part));
@@ -101,23 +98,23 @@ at::Tensor grads_sq_norm(const std::vector<at::Tensor>& grads, c10::IntArrayRef 
   return summed(std::move(parts));
 }
 
-// One optimizer's parameter lists, converted from Python once and kept: each phase of a step is then one
-// method call with no list to convert (a list of 95 tensors costs about 50 us to pass to an op on a
-// 2-core Xeon, more than the kernels of a small model's phase).
 // The kernels are called below the autograd keys: the phases run without autograd (the Python ones under
 // no_grad), and the autograd fallback would box every list to look for tensors that require grad.
 using Below = at::AutoDispatchBelowADInplaceOrView;
 
+// One optimizer's parameter lists, converted from Python once and kept: each phase of a step is then one
+// method call with no list to convert (a list of 95 tensors costs about 50 us to pass to an op on a
+// 2-core Xeon, more than the kernels of a small model's phase).
 struct ParamBook : torch::CustomClassHolder {
   std::vector<at::Tensor> params;  // every parameter, in group order: take / give / clear
   std::vector<at::Tensor> held;    // g_h between take and give
 
   std::vector<at::Tensor> bucket_params, bucket_backups;  // bucket by bucket
-  std::vector<int64_t> bucket_sizes;
+  std::vector<Run> buckets;
   std::vector<double> rhos;
 
   std::vector<at::Tensor> sgd_params, sgd_backups, sgd_buffers;  // param group by param group
-  std::vector<int64_t> sgd_sizes;
+  std::vector<Run> groups, buffer_runs;  // each group's tensors, and its momentum buffers (none without)
   std::vector<bool> sgd_momentum;
 
   explicit ParamBook(std::vector<at::Tensor> ps) : params(std::move(ps)) {}
@@ -126,10 +123,9 @@ struct ParamBook : torch::CustomClassHolder {
                    std::vector<double> bucket_rhos) {
     TORCH_CHECK(ps.size() == backups.size(), "imbsam_fast: ParamBook.set_buckets: lists of different lengths");
     TORCH_CHECK(sizes.size() == bucket_rhos.size(), "imbsam_fast: ParamBook.set_buckets: one rho per bucket");
-    runs(sizes, ps.size(), "ParamBook.set_buckets");
+    buckets = runs(sizes, ps.size(), "ParamBook.set_buckets");
     bucket_params = std::move(ps);
     bucket_backups = std::move(backups);
-    bucket_sizes = std::move(sizes);
     rhos = std::move(bucket_rhos);
   }
 
@@ -137,15 +133,21 @@ struct ParamBook : torch::CustomClassHolder {
                std::vector<int64_t> sizes, c10::List<bool> with_momentum) {
     TORCH_CHECK(ps.size() == backups.size(), "imbsam_fast: ParamBook.set_sgd: lists of different lengths");
     TORCH_CHECK(sizes.size() == with_momentum.size(), "imbsam_fast: ParamBook.set_sgd: one flag per group");
-    const auto groups = runs(sizes, ps.size(), "ParamBook.set_sgd");
+    auto group_runs = runs(sizes, ps.size(), "ParamBook.set_sgd");
+    std::vector<Run> buffer_of;
     size_t used = 0;
-    for (size_t k = 0; k < groups.size(); ++k) used += with_momentum.get(k) ? groups[k].second - groups[k].first : 0;
+    for (size_t k = 0; k < group_runs.size(); ++k) {
+      const size_t n = with_momentum.get(k) ? group_runs[k].second - group_runs[k].first : 0;
+      buffer_of.emplace_back(used, used + n);
+      used += n;
+    }
     TORCH_CHECK(used == buffers.size(), "imbsam_fast: ParamBook.set_sgd: ", buffers.size(), " momentum buffers for ",
                 used, " tensors with momentum");
     sgd_params = std::move(ps);
     sgd_backups = std::move(backups);
     sgd_buffers = std::move(buffers);
-    sgd_sizes = std::move(sizes);
+    groups = std::move(group_runs);
+    buffer_runs = std::move(buffer_of);
     sgd_momentum.assign(with_momentum.begin(), with_momentum.end());
   }
 
@@ -182,21 +184,17 @@ struct ParamBook : torch::CustomClassHolder {
   // s = sum_k ||g_k||^2 over the buckets; per bucket b <- w, w <- w + rho_k / (sqrt(s) + eps) g_k; sqrt(s).
   at::Tensor ascend(double eps) {
     const Below below_autograd;
-    TORCH_CHECK(!bucket_sizes.empty(), "imbsam_fast: ParamBook.ascend: no buckets set");
+    TORCH_CHECK(!buckets.empty(), "imbsam_fast: ParamBook.ascend: no buckets set");
     const auto grads = dense_grads(bucket_params);
-    const auto buckets = runs(bucket_sizes, bucket_params.size(), "ParamBook.ascend");
-    for (const auto& r : buckets) {
-      check_perturb_args(slice(at::TensorList(bucket_params), r), slice(grads, r),
-                         slice(at::TensorList(bucket_backups), r));
-    }
-    const at::Tensor sq = grads_sq_norm(grads, bucket_sizes);
+    for (const auto& r : buckets) check_perturb_args(slice(bucket_params, r), slice(grads, r), slice(bucket_backups, r));
+    const at::Tensor sq = grads_sq_norm(grads, buckets);
     static const auto perturb = c10::Dispatcher::singleton()
                                     .findSchemaOrThrow("imbsam_fast::perturb_", "")
                                     .typed<void(at::TensorList, at::TensorList, at::TensorList, const at::Tensor&,
                                                 double, double)>();
     for (size_t k = 0; k < buckets.size(); ++k) {
-      perturb.call(slice(at::TensorList(bucket_params), buckets[k]), slice(grads, buckets[k]),
-                   slice(at::TensorList(bucket_backups), buckets[k]), sq, rhos[k], eps);
+      perturb.call(slice(bucket_params, buckets[k]), slice(grads, buckets[k]), slice(bucket_backups, buckets[k]), sq,
+                   rhos[k], eps);
     }
     return sq.sqrt();
   }
@@ -204,8 +202,8 @@ struct ParamBook : torch::CustomClassHolder {
   // ||g||_2 of the update: the gradients of the SGD groups' parameters.
   at::Tensor update_norm() {
     const Below below_autograd;
-    TORCH_CHECK(!sgd_sizes.empty(), "imbsam_fast: ParamBook.update_norm: no SGD groups set");
-    return grads_sq_norm(dense_grads(sgd_params), sgd_sizes).sqrt();
+    TORCH_CHECK(!groups.empty(), "imbsam_fast: ParamBook.update_norm: no SGD groups set");
+    return grads_sq_norm(dense_grads(sgd_params), groups).sqrt();
   }
 
   // Per param group: w <- backup, then torch.optim.SGD's update with this step's options (restore_sgd_).
@@ -213,21 +211,15 @@ struct ParamBook : torch::CustomClassHolder {
                    std::vector<double> weight_decay, c10::List<bool> nesterov, c10::List<bool> maximize,
                    std::optional<at::Tensor> skip) {
     const Below below_autograd;
-    const size_t n_groups = sgd_sizes.size();
+    const size_t n_groups = groups.size();
     TORCH_CHECK(n_groups > 0, "imbsam_fast: ParamBook.restore_sgd: no SGD groups set");
     TORCH_CHECK(lr.size() == n_groups && momentum.size() == n_groups && dampening.size() == n_groups &&
                     weight_decay.size() == n_groups && nesterov.size() == n_groups && maximize.size() == n_groups,
                 "imbsam_fast: ParamBook.restore_sgd: one value of each option per group");
     const auto grads = dense_grads(sgd_params);
-    const auto groups = runs(sgd_sizes, sgd_params.size(), "ParamBook.restore_sgd");
-    std::vector<std::pair<size_t, size_t>> buffer_runs;
-    size_t used = 0;
     for (size_t k = 0; k < n_groups; ++k) {
       TORCH_CHECK((momentum[k] != 0.0) == sgd_momentum[k], "imbsam_fast: ParamBook.restore_sgd: group ", k,
                   " changed between momentum and none; set_sgd again");
-      const size_t n = sgd_momentum[k] ? groups[k].second - groups[k].first : 0;
-      buffer_runs.emplace_back(used, used + n);
-      used += n;
     }
     const at::TensorList ps(sgd_params), bs(sgd_backups), ms(sgd_buffers);
     for (size_t k = 0; k < n_groups; ++k) {
