@@ -29,6 +29,8 @@ sees them again).
 
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
 import operator
 from contextlib import contextmanager
@@ -45,6 +47,15 @@ __all__ = ["BatchNormStats", "BatchNormSnapshot", "batchnorm_layers"]
 
 _RECORD_HOOK = -1_000_003
 """The key of :meth:`BatchNormStats.record`'s forward pre-hook (negative: never a handle id torch hands out)."""
+_MISSING = object()
+_BUFFERS = operator.attrgetter("_buffers")
+_RUNNING_MEAN = operator.itemgetter("running_mean")
+_RUNNING_VAR = operator.itemgetter("running_var")
+_MOMENTUM = operator.attrgetter("momentum")
+_MODE = operator.attrgetter("training", "momentum", "track_running_stats")
+_PRE_HOOKS = operator.attrgetter("_forward_pre_hooks")
+_POP_RECORD_HOOK = operator.methodcaller("pop", _RECORD_HOOK, None)
+_NOT_NONE = functools.partial(operator.is_not, None)
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -62,7 +73,10 @@ class BatchNormStats:
         self._per_call: set[_BatchNorm] = set()
         self._flat = _FlatStats()
         self._plan_key: Any = None
-        self._plan = _LayerPlan([], [], [], [])
+        self._plan = _LayerPlan([], [], [], [], [], [], [])
+        self._bound: Optional[list[list[tuple[Tensor, Tensor]]]] = None
+        """The flat solve's per-layer views last put in ``_stats`` for the current plan (``None``: not all there)."""
+        self._recorded_plan: Optional[_LayerPlan] = None
         self._pinning = False
         self._pinned: Optional[_LayerPlan] = None
         self._replay_calls: dict[_BatchNorm, int] = {}
@@ -89,7 +103,7 @@ class BatchNormStats:
         """The running statistics and batch counters of every layer (the tensors a forward may update)."""
         # A module's _buffers dict outlives model.to() (which replaces its values), and reading it directly
         # skips nn.Module.__getattr__.
-        return [t for m in self.layers for t in m._buffers.values() if t is not None]
+        return list(filter(_NOT_NONE, itertools.chain.from_iterable(map(dict.values, map(_BUFFERS, self.layers)))))
 
     @without_grad
     def snapshot(self) -> Optional[BatchNormSnapshot]:
@@ -113,13 +127,20 @@ class BatchNormStats:
         Other layers (no running statistics, cumulative averaging, or called
         more than once per forward) compute ``var_mean`` of their input.
         """
-        self._stats.clear()  # in place: the replaying forwards read this dict
         plan = self._layer_plan()
         training, order = plan.training, plan.solved
-        solved = set(order)
+        stats = self._stats  # changed in place: the replaying forwards read this dict
         flat = self._flat.gather(order) if order else None
-        if flat is None:
-            solved.clear()
+        # The solved layers' entries are views of the flat solve's output, kept across steps (rewritten in place
+        # by each solve); every other layer's list is rebuilt by this forward.
+        if flat is None or self._bound is None:
+            stats.clear()
+            self._bound = None
+        else:
+            for m in plan.computed:
+                stats.pop(m, None)
+        self._recorded_plan = plan
+        solved = set(order) if flat is not None else set()
         calls: dict[_BatchNorm, int] = {}
         sizes: dict[_BatchNorm, int] = {}
 
@@ -136,44 +157,55 @@ class BatchNormStats:
                 solved.discard(module)
                 self._per_call.add(module)
                 assert flat is not None
-                self._stats[module] = [flat.solve_one(module, sizes[module])]
+                stats[module] = [flat.solve_one(module, sizes[module])]
             x = args[0]
             with torch.no_grad():
                 var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
-            self._stats.setdefault(module, []).append((mean, var))
+            stats.setdefault(module, []).append((mean, var))
 
         # One dict entry per layer instead of register_forward_pre_hook's handle objects (this runs every step).
-        for m in training:
-            m._forward_pre_hooks[_RECORD_HOOK] = pre_hook
+        hooks = list(map(_PRE_HOOKS, training))
+        _consume(map(operator.setitem, hooks, itertools.repeat(_RECORD_HOOK), itertools.repeat(pre_hook)))
         try:
             yield
         finally:
-            for m in training:
-                m._forward_pre_hooks.pop(_RECORD_HOOK, None)
+            _consume(map(_POP_RECORD_HOOK, hooks))
         # Every solved layer ran once (sizes holds the layers solved at their first call, solved loses those
-        # called again): one solve for all of them.
+        # called again): one solve for all of them, into the views the entries already hold.
         if flat is not None and len(solved) == len(sizes) == len(order):
-            self._stats.update(zip(order, flat.solve([sizes[m] for m in order])))
+            recorded = flat.solve(tuple(map(sizes.__getitem__, order)))
+            if self._bound is not recorded:
+                stats.update(zip(order, recorded))
+                self._bound = recorded
         elif flat is not None:
+            self._bound = None
             for m in order:
                 if m in solved and m in sizes:
-                    self._stats[m] = [flat.solve_one(m, sizes[m])]
+                    stats[m] = [flat.solve_one(m, sizes[m])]
+                elif m not in sizes:
+                    stats.pop(m, None)
 
     def _layer_plan(self) -> _LayerPlan:
         """Which layers each context acts on, kept while the layers' mode, momentum and tracking stay as they
         were (one read of each per step instead of the checks), or the plan pinned by :meth:`pin_plan`."""
         if self._pinned is not None:
             return self._pinned
-        key = (tuple([(m.training, m.momentum, m.track_running_stats) for m in self.layers]), len(self._per_call))
+        key = (tuple(map(_MODE, self.layers)), len(self._per_call))
         if self._plan_key != key:
             training = [m for m in self.layers if m.training]
+            solved = [m for m in training if _derivable(m) and m not in self._per_call]
+            frozen = [m for m in training if m.track_running_stats]
             self._plan = _LayerPlan(
                 training,
-                [m for m in training if _derivable(m) and m not in self._per_call],
-                [m for m in training if m.track_running_stats],
+                solved,
+                [m for m in training if m not in solved],
+                [m.__dict__ for m in training],
+                [m.__dict__ for m in frozen],
+                [False] * len(frozen),
                 [_replaying_forward(m, self._stats, self._replay_calls) for m in training],
             )
             self._plan_key = key
+            self._bound = None
         if self._pinning:
             self._pinned = self._plan
         return self._plan
@@ -181,19 +213,21 @@ class BatchNormStats:
     def replay(self) -> _InstanceAttrs:
         """Within: training-mode layers normalize with the recorded statistics and update nothing."""
         plan = self._layer_plan()
-        unrecorded = [m for m in plan.training if not self._stats.get(m)]
-        if unrecorded:
-            raise RuntimeError(
-                f"{type(unrecorded[0]).__name__} ran in training mode in a tail pass but not in the full-batch "
-                "forward; fast mode needs the same layers to run in both"
-            )
+        # Under the plan of the record, its entries are some of plan.training's: as many means all of them.
+        if self._recorded_plan is not plan or len(self._stats) != len(plan.training):
+            unrecorded = [m for m in plan.training if not self._stats.get(m)]
+            if unrecorded:
+                raise RuntimeError(
+                    f"{type(unrecorded[0]).__name__} ran in training mode in a tail pass but not in the full-batch "
+                    "forward; fast mode needs the same layers to run in both"
+                )
         self._replay_calls.clear()
-        return _InstanceAttrs(plan.training, "forward", plan.replaying_forwards)
+        return _InstanceAttrs(plan.training_dicts, "forward", plan.replaying_forwards)
 
     def freeze_running_stats(self) -> _InstanceAttrs:
         """Within: training-mode layers use batch statistics but leave running statistics (and their count) alone."""
-        frozen = self._layer_plan().frozen
-        return _InstanceAttrs(frozen, "track_running_stats", [False] * len(frozen))
+        plan = self._layer_plan()
+        return _InstanceAttrs(plan.frozen_dicts, "track_running_stats", plan.unfrozen)
 
 
 class _LayerPlan(NamedTuple):
@@ -202,41 +236,58 @@ class _LayerPlan(NamedTuple):
     training: list[_BatchNorm]
     solved: list[_BatchNorm]
     """Training-mode layers whose batch statistics :meth:`BatchNormStats.record` solves from running statistics."""
-    frozen: list[_BatchNorm]
-    """Training-mode layers that track running statistics."""
+    computed: list[_BatchNorm]
+    """The other training-mode layers: their statistics are computed from the input at every call."""
+    training_dicts: list[dict[str, Any]]
+    """The training-mode layers' instance dicts."""
+    frozen_dicts: list[dict[str, Any]]
+    """The instance dicts of the training-mode layers that track running statistics."""
+    unfrozen: list[bool]
+    """``False`` for each of those: their ``track_running_stats`` within a freeze."""
     replaying_forwards: list[Callable[[Tensor], Tensor]]
     """One per training-mode layer: its forward on the recorded statistics."""
 
 
-_MISSING = object()
-
-
 class _InstanceAttrs:
-    """A context manager: within it, ``module.<name> = value`` for each module, as a plain attribute (written
-    to the module's ``__dict__``, which skips ``nn.Module.__setattr__``); after it, what each module had there
-    before (nothing, its own value, or an instance attribute the user set)."""
+    """A context manager: within it, ``module.<name> = value`` for each module, as a plain attribute written to
+    the module's instance dict (``dicts``, which skips ``nn.Module.__setattr__``); after it, what each module
+    had there before (nothing, its own value, or an instance attribute the user set).
 
-    __slots__ = ("_modules", "_name", "_values", "_saved")
+    Entering and leaving are C-level ``map`` calls over the dicts: a step enters two of these over every
+    training-mode BatchNorm layer.
+    """
 
-    def __init__(self, modules: list[nn.Module], name: str, values: list[Any]) -> None:
-        self._modules = modules
+    __slots__ = ("_dicts", "_name", "_values", "_saved")
+
+    def __init__(self, dicts: list[dict[str, Any]], name: str, values: list[Any]) -> None:
+        self._dicts = dicts
         self._name = name
         self._values = values
         self._saved: list[Any] = []
 
     def __enter__(self) -> None:
-        name = self._name
-        self._saved = [m.__dict__.get(name, _MISSING) for m in self._modules]
-        for m, value in zip(self._modules, self._values):
-            m.__dict__[name] = value
+        names = itertools.repeat(self._name)
+        self._saved = list(map(dict.get, self._dicts, names, itertools.repeat(_MISSING)))
+        _consume(map(dict.__setitem__, self._dicts, names, self._values))
 
     def __exit__(self, *exc: object) -> None:
-        name = self._name
-        for m, old in zip(self._modules, self._saved):
+        name, saved = self._name, self._saved
+        missing = sum(map(operator.is_, saved, itertools.repeat(_MISSING)))
+        if missing == 0:  # the modules' own values (such as track_running_stats), written back
+            _consume(map(dict.__setitem__, self._dicts, itertools.repeat(name), saved))
+            return
+        if missing == len(saved):
+            _consume(map(dict.pop, self._dicts, itertools.repeat(name), itertools.repeat(None)))
+            return
+        for d, old in zip(self._dicts, saved):
             if old is _MISSING:
-                m.__dict__.pop(name, None)
+                d.pop(name, None)
             else:
-                m.__dict__[name] = old
+                d[name] = old
+
+
+def _consume(iterator: Iterator[Any]) -> None:
+    collections.deque(iterator, maxlen=0)
 
 
 class _ReusedCopy:
@@ -300,22 +351,28 @@ class _FlatStats:
         s = lerp(r_old, r_new, 1 / m)       (= r_old + (r_new - r_old) / m, per element)
         var_s <- max(var_s * (n - 1) / n, 0)
 
+    into one output vector kept with the layout: each solve rewrites it in place and hands back the same
+    per-layer views of it (no tensor is allocated or freed in a step).
+
     Layers must share device and dtype (else ``gather`` returns ``None``: the caller computes the
     statistics per call instead). Running statistics never require grad, so no autograd mode is needed.
     """
 
     def __init__(self) -> None:
         self._src: list[Tensor] = []
-        self._momenta: tuple[float, ...] = ()
-        self._old = torch.empty(0)
+        self._momenta: tuple[Any, ...] = ()
+        self._old = self._new = self._out = self._variances = torch.empty(0)
+        self._recorded: list[list[tuple[Tensor, Tensor]]] = []
         self._counts: list[int] = []
         self._position: dict[_BatchNorm, int] = {}
         self._inv_m: Any = 1.0
         self._factors: dict[tuple[int, ...], Tensor] = {}
 
     def gather(self, layers: list[_BatchNorm]) -> Optional[_FlatStats]:
-        src = [m._buffers["running_mean"] for m in layers] + [m._buffers["running_var"] for m in layers]
-        momenta = tuple(float(m.momentum) for m in layers)  # type: ignore[arg-type]
+        buffers = list(map(_BUFFERS, layers))
+        src = list(map(_RUNNING_MEAN, buffers))
+        src += map(_RUNNING_VAR, buffers)
+        momenta = tuple(map(_MOMENTUM, layers))
         if (len(src) != len(self._src) or not all(map(operator.is_, src, self._src))
                 or momenta != self._momenta):
             if not self._layout(layers, src, momenta):
@@ -323,7 +380,7 @@ class _FlatStats:
         torch.cat(src, out=self._old)
         return self
 
-    def _layout(self, layers: list[_BatchNorm], src: list[Tensor], momenta: tuple[float, ...]) -> bool:
+    def _layout(self, layers: list[_BatchNorm], src: list[Tensor], momenta: tuple[Any, ...]) -> bool:
         first = src[0]
         if any(t.device != first.device or t.dtype != first.dtype or t.dim() != 1 for t in src):
             self._src = []
@@ -332,29 +389,35 @@ class _FlatStats:
         self._counts = [t.numel() for t in src]
         self._position = {m: i for i, m in enumerate(layers)}
         self._old = torch.empty(sum(self._counts), device=first.device, dtype=first.dtype)
+        self._new, self._out = torch.empty_like(self._old), torch.empty_like(self._old)
+        parts = self._out.split_with_sizes(self._counts)
+        n = len(layers)
+        self._recorded = [[pair] for pair in zip(parts[:n], parts[n:])]
+        self._variances = self._out[sum(self._counts[:n]):]
         self._factors = {}
-        if len(set(momenta)) == 1:
-            self._inv_m = 1.0 / momenta[0]
+        inverse = [1.0 / float(m) for m in momenta]
+        if len(set(inverse)) == 1:
+            self._inv_m = inverse[0]
         else:
-            inv = torch.tensor([1.0 / m for m in momenta * 2], dtype=first.dtype)
+            inv = torch.tensor(inverse * 2, dtype=first.dtype)
             self._inv_m = inv.repeat_interleave(torch.tensor(self._counts)).to(first.device)
         return True
 
-    def solve(self, sizes: list[int]) -> list[list[tuple[Tensor, Tensor]]]:
-        """Per layer ``[(mean, biased var)]`` from the running statistics now and those gathered."""
-        key = tuple(sizes)
-        factor = self._factors.get(key)
+    def solve(self, sizes: tuple[int, ...]) -> list[list[tuple[Tensor, Tensor]]]:
+        """Per layer ``[(mean, biased var)]`` from the running statistics now and those gathered, ``n`` = ``sizes``
+        elements per channel: views of the kept output, the same lists at every call until the layout changes."""
+        factor = self._factors.get(sizes)
         if factor is None:
             # Sizes change only with the input shape; a few tables are kept (one per shape seen lately).
             if len(self._factors) >= 8:
                 self._factors.clear()
             factor = torch.tensor([(n - 1) / n for n in sizes], dtype=self._old.dtype).repeat_interleave(
                 torch.tensor(self._counts[len(sizes):])).to(self._old.device)
-            self._factors[key] = factor
-        stats = _solved(self._old, torch.cat(self._src), self._inv_m, factor)
-        parts = stats.split_with_sizes(self._counts)
-        layers = len(sizes)
-        return [[pair] for pair in zip(parts[:layers], parts[layers:])]
+            self._factors[sizes] = factor
+        torch.cat(self._src, out=self._new)
+        torch.lerp(self._old, self._new, self._inv_m, out=self._out)
+        self._variances.mul_(factor).clamp_min_(0.0)
+        return self._recorded
 
     def solve_one(self, module: _BatchNorm, n: int) -> tuple[Tensor, Tensor]:
         """``(mean, biased var)`` of one gathered layer (called once more per forward from here on)."""

@@ -190,6 +190,42 @@ def test_replay_of_an_unrecorded_layer_patches_no_layer():
     assert all("forward" not in m.__dict__ for m in model)
 
 
+def test_a_layer_the_full_forward_skipped_is_not_replayed_from_an_earlier_record():
+    """The solved layers' statistics are kept across records (rewritten in place): one that did not run in this
+    record must not keep the last record's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.BatchNorm1d(4))
+    stats = BatchNormStats(model)
+    for _ in range(2):
+        with stats.record():
+            model(torch.randn(8, 4))
+    with stats.replay():
+        model(torch.randn(2, 4))
+    with stats.record():
+        model[0](torch.randn(8, 4))
+    with pytest.raises(RuntimeError, match="not in the full-batch forward"), stats.replay():
+        pass
+
+
+def test_recorded_statistics_are_rewritten_in_place_each_record():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
+    stats = BatchNormStats(model)
+    kept = None
+    for _ in range(3):
+        x = torch.randn(5, 3, 3, 3)
+        with stats.record():
+            h = model[0](x)
+            model[2](model[1](h))
+        mean, var = stats._stats[model[1]][0]
+        ref_var, ref_mean = torch.var_mean(h.detach(), dim=[0, 2, 3], correction=0)
+        torch.testing.assert_close(mean, ref_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(var, ref_var, rtol=1e-4, atol=1e-5)
+        if kept is not None:
+            assert mean is kept, "the same view, no tensor allocated per record"
+        kept = mean
+
+
 def test_replay_and_freeze_put_back_what_the_instance_had():
     torch.manual_seed(0)
     bn = nn.BatchNorm1d(4)
