@@ -238,7 +238,7 @@ class ImbSAM(Optimizer):
 
     def _set_class_weights(self, weights: Optional[ClassWeights]) -> None:
         self.class_weights = weights
-        self._weights_on: dict[torch.device, tuple[ClassWeights, Tensor]] = {}
+        self._weights_on: dict[tuple[torch.device, int], tuple[ClassWeights, Tensor]] = {}
         # Presets with no head part (SAM) or no tail part (plain training) skip the passes they do not need.
         self._has_head = weights is None or bool((weights.head != 0).any())
         self._has_tail = weights is None or bool((weights.tail != 0).any())
@@ -613,11 +613,16 @@ class ImbSAM(Optimizer):
             self._scaled, self._active_hooks = None, None
 
     def _sample_weights(self, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a[y_i] / B, b[y_i] / B)``: a pass's loss is then one dot product, with no division in its graph
+        (see :class:`StepRun`). The table divided by ``B`` is kept per device and batch size."""
         assert self.class_weights is not None
-        on_device = self._weights_on.get(targets.device)
+        key = (targets.device, targets.shape[0])
+        on_device = self._weights_on.get(key)
         if on_device is None:
+            if len(self._weights_on) >= 8:  # batch sizes seen lately (a last partial batch, a few shapes)
+                self._weights_on.clear()
             weights = self.class_weights.to(targets.device)
-            on_device = self._weights_on[targets.device] = (weights, weights.table())
+            on_device = self._weights_on[key] = (weights, weights.table() / key[1])
         return sample_weights(on_device[0], targets, self.ignore_index, self._weights_source, table=on_device[1],
                               device_check=self.capturable)
 

@@ -262,3 +262,23 @@ def test_plain_preset_takes_one_pass():
     calls = []
     opt.step(lambda index=None: calls.append(index) or F.cross_entropy(model(x), y, reduction="none"), y)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_each_batch_size_has_its_losses_divided_by_itself(mode):
+    """The per-sample weights come divided by B from a table kept per batch size: a last, smaller batch and
+    the full one after it each report sum_i w_i l_i / B for their own B."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=0.0, tail_mask=TAIL, mode=mode, model=model)
+    a, b = opt.class_weights.head, opt.class_weights.tail
+    for n in (8, 5, 8, 3):
+        x, y = torch.randn(n, 16), torch.randint(0, 10, (n,))
+        y[0] = 8
+        with torch.no_grad():
+            per_sample = F.cross_entropy(model(x), y, reduction="none")
+        out = opt.step(lambda index=None, x=x, y=y: F.cross_entropy(model(x if index is None else x[index]),
+                                                                   y if index is None else y[index],
+                                                                   reduction="none"), y)
+        torch.testing.assert_close(out.head, (a[y] * per_sample).sum() / n)
+        torch.testing.assert_close(out.tail, (b[y] * per_sample).sum() / n)

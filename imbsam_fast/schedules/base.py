@@ -41,6 +41,9 @@ class StepRun:
 
     Losses are normalized by the whole batch ``B``: a pass over a subset
     ``index`` with per-sample weights ``w`` contributes ``sum_i w_i l_i / B``.
+    The schedules get the weights already divided by ``B`` (``w_i / B``, from
+    the optimizer's table), so each loss is one dot product: no division node
+    in the graph, and for a power-of-two ``B`` the same bits as dividing after.
     With ``micro_batches = k > 1`` every pass runs over chunks of at most
     ``ceil(B / k)`` samples through ``closure(chunk)``, each chunk's graph freed
     before the next: gradients accumulate, activation memory is one chunk's.
@@ -79,8 +82,8 @@ class StepRun:
         return losses
 
     def loss(self, losses: Tensor, weights: Tensor) -> Tensor:
-        """``sum_i w_i l_i / B``."""
-        return weighted_sum(losses, weights, self.batch)
+        """``sum_i w_i l_i / B`` for the step's weights, which come divided by ``B`` (one dot product)."""
+        return weighted_sum(losses, weights, 1)
 
     def chunks(self, index: Optional[Tensor], device: torch.device) -> list[Optional[Tensor]]:
         """The sample indices of each micro-batch of a pass over ``index`` (``None``: the whole batch)."""
