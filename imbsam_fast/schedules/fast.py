@@ -146,17 +146,18 @@ class FastSchedule:
         return int(run.sync.global_count(torch.tensor(n_local, device=device)))
 
     def _with_ghosts(self, index: Tensor, tail_w: Tensor, n_tail: int) -> Tensor:
-        """``index`` plus up to ``ghost_batch`` head samples drawn at random (torch's global RNG), sorted.
+        """``index`` (the ``n_tail`` tail samples) plus up to ``ghost_batch`` head samples drawn at random
+        (torch's global RNG), sorted.
 
-        The head samples get random keys and the tail samples +inf, so the ghosts are the
-        ``k`` smallest keys: no second host sync (``k`` follows from the tail count already read).
+        The head samples get random keys in ``[0, 1)`` and the tail samples -1, so the ``n_tail + k``
+        smallest keys are the tail samples and ``k`` random head samples: no second host sync (``k``
+        follows from the tail count already read).
         """
         k = min(self.ghost_batch, tail_w.numel() - n_tail)
         if k <= 0:
             return index
-        keys = torch.rand(tail_w.shape, device=tail_w.device).masked_fill(tail_w != 0, float("inf"))
-        pick = torch.topk(keys, k, largest=False).indices
-        return torch.cat([index, pick]).sort().values
+        keys = torch.rand(tail_w.shape, device=tail_w.device).masked_fill_(tail_w != 0, -1.0)
+        return torch.topk(keys, n_tail + k, largest=False).indices.sort().values
 
 
 def fixed_tail_index(tail_w: Tensor, k: int) -> tuple[Tensor, Tensor]:
