@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from .backends import Bucket
+from .hooks import StepHooks
 
 if TYPE_CHECKING:
     from .optimizer import ImbSAM
@@ -53,15 +54,23 @@ def plan_fused_sgd(opt: ImbSAM, buckets: list[Bucket], backup_of: dict[int, tupl
 
 def fused_sgd_applies(opt: ImbSAM) -> bool:
     """Whether this step's base step may be fused: the backend offers it, a plain SGD base, no clipping,
-    no scaler, no step hooks (ImbSAM's, the base optimizer's or torch's global ones), no FSDP2."""
+    no scaler, no ImbSAM step hook with a ``before_base_step`` (the fused pass restores and steps at once,
+    with no point between them; hooks on the backwards alone run as usual), no step hooks of the base
+    optimizer or torch's global ones, no FSDP2."""
     base = opt.base_optimizer
     if getattr(opt._ops, "restore_sgd_", None) is None or type(base) is not torch.optim.SGD:
         return False
-    if opt.max_grad_norm is not None or opt._scaled is not None or (
-            opt._step_hooks if opt._active_hooks is None else opt._active_hooks):
+    if opt.max_grad_norm is not None or opt._scaled is not None or any(
+            map(_acts_before_base_step, opt._step_hooks if opt._active_hooks is None else opt._active_hooks)):
         return False
     return not (base._optimizer_step_pre_hooks or base._optimizer_step_post_hooks or _global_optimizer_pre_hooks
                 or _global_optimizer_post_hooks or opt._sync.kind == "fsdp2")
+
+
+def _acts_before_base_step(hooks: StepHooks) -> bool:
+    """Whether ``hooks`` has a ``before_base_step`` of its own (on its class or set on the instance)."""
+    return (getattr(type(hooks), "before_base_step", None) is not StepHooks.before_base_step
+            or "before_base_step" in getattr(hooks, "__dict__", ()))
 
 
 def kept_plan(opt: ImbSAM, backup_of: dict[int, tuple[Tensor, int]]) -> Optional[_KeptPlan]:

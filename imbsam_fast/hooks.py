@@ -18,6 +18,12 @@ with no tail part) runs only "head". Around them the schedule calls, in order:
 
 Only :meth:`ImbSAM.step` with a closure calls hooks; in the three-step API
 the caller runs each backward and can act there directly.
+
+A hook with a ``before_base_step`` of its own makes the step take the base
+optimizer's own ``step()``: the fused restore + SGD pass (``backend="ext"``
+or ``"triton"`` with a plain SGD base) restores the weights and steps in one
+pass, with no point between. Hooks on the backwards alone (timing, logging,
+gradient edits in ``after_backward``) keep the fused pass.
 """
 
 from __future__ import annotations

@@ -352,12 +352,32 @@ def test_fused_restore_sgd_gives_the_unfused_trajectory(monkeypatch, book):
 def test_fused_path_steps_aside_for_hooks_clipping_and_subclasses(monkeypatch, book):
     from imbsam_fast import StepHooks
 
+    class BeforeStep(StepHooks):
+        def before_base_step(self, opt):
+            seen.append("before_base_step")
+
+    class Observer(StepHooks):  # on the backwards only (timing, logging): the fused pass stays on
+        def after_backward(self, opt, phase):
+            seen.append(phase)
+
+    seen = []
     calls = _count_fused_steps(monkeypatch)
     _train_small(steps=4, max_grad_norm=1.0, book=book)
-    _train_small(steps=4, hooks=StepHooks(), book=book)
+    _train_small(steps=4, hooks=BeforeStep(), book=book)
+    patched = StepHooks()
+    patched.before_base_step = lambda opt: seen.append("before_base_step")
+    _train_small(steps=4, hooks=patched, book=book)
     assert calls == []
-    _train_small(steps=4, book=book)
+    assert seen.count("before_base_step") == 8
+    seen.clear()
+    plain, _ = _train_small(steps=4, book=book)
     assert calls == (["python", "book", "book"] if book else ["python"] * 3)
+    calls.clear()
+    observed, _ = _train_small(steps=4, hooks=Observer(), book=book)
+    assert calls == (["python", "book", "book"] if book else ["python"] * 3)
+    assert seen and set(seen) <= {"head", "ascent", "perturbed"}
+    for a, b in zip(plain.parameters(), observed.parameters()):
+        assert torch.equal(a, b)
 
 
 @pytestmark_ext
