@@ -134,11 +134,14 @@ class _KeptPlan:
 
     The optimizer state is checked through its per-parameter dicts, in the state's own order: a dict
     added, removed or replaced shows there, a buffer replaced shows in its dict. No parameter is
-    looked up by tensor (``Tensor.__hash__`` is a Python call, 95 of them a step on ResNet-32)."""
+    looked up by tensor (``Tensor.__hash__`` is a Python call, 95 of them a step on ResNet-32).
+
+    The kept plan holds no gradients (each step's are read again by :meth:`refresh`, or by the ParamBook):
+    holding the planning step's would keep a whole set of stale gradient tensors alive."""
 
     def __init__(self, plan: FusedSGDPlan, backup_of: dict[int, tuple[Tensor, int]], state: Any,
                  groups: list[dict[str, Any]]) -> None:
-        self.plan = plan
+        self.plan: FusedSGDPlan = [(params, backups, [], buffers, group) for params, backups, _, buffers, group in plan]
         self.backup_of = backup_of
         self.state = state
         planned = {id(p) for entry in plan for p in entry[0]}

@@ -551,3 +551,37 @@ def test_the_fused_step_checks_every_groups_gradient_for_nan():
             assert opt._fused_plan is not None and len(opt._fused_plan.plan) == 2, "the step ran fused"
     assert opt.last_step_skipped
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("book", [True, False], ids=["book", "python-phases"])
+def test_the_kept_fused_plan_keeps_no_gradient_of_an_earlier_step_alive(book):
+    """The kept plan is reused with each step's gradients; holding the planning step's would keep a whole
+    set of gradient tensors alive for as long as the plan holds."""
+    import gc
+    import weakref
+
+    from models import image_batches
+
+    tail = torch.tensor([False] * 7 + [True] * 3)
+    torch.manual_seed(0)
+    model = small_cnn(10)
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, tail_mask=tail, model=model,
+                 backend="ext")
+    if not book:
+        opt._book = None
+    refs = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: refs.append(weakref.ref(p.grad)))
+    torch.manual_seed(1)
+    for i, (x, y) in enumerate(image_batches(4)):
+        y[i] = 8
+
+        def closure(index=None, x=x, y=y):
+            xs, ys = (x, y) if index is None else (x[index], y[index])
+            return torch.nn.functional.cross_entropy(model(xs), ys, reduction="none")
+
+        opt.step(closure, y)
+    assert opt._fused_plan is not None, "the steps ran fused"
+    gc.collect()
+    assert refs and all(r() is None for r in refs), "a gradient of an earlier step outlived it"
