@@ -614,13 +614,12 @@ class ImbSAM(Optimizer):
 
     def _sample_weights(self, targets: Tensor) -> tuple[Tensor, Tensor]:
         """``(a[y_i] / B, b[y_i] / B)``: a pass's loss is then one dot product, with no division in its graph
-        (see :class:`StepRun`). The table divided by ``B`` is kept per device and batch size."""
+        (see :class:`StepRun`). The table divided by ``B`` is kept per device and batch size, and never dropped:
+        a captured step reads its table's memory at every replay. Each is ``(C + 1) x 2`` values."""
         assert self.class_weights is not None
         key = (targets.device, targets.shape[0])
         on_device = self._weights_on.get(key)
         if on_device is None:
-            if len(self._weights_on) >= 8:  # batch sizes seen lately (a last partial batch, a few shapes)
-                self._weights_on.clear()
             weights = self.class_weights.to(targets.device)
             on_device = self._weights_on[key] = (weights, weights.table() / key[1])
         return sample_weights(on_device[0], targets, self.ignore_index, self._weights_source, table=on_device[1],
