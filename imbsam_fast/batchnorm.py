@@ -80,7 +80,6 @@ class BatchNormStats:
         self._pinning = False
         self._pinned: Optional[_LayerPlan] = None
         self._replay_calls: dict[_BatchNorm, int] = {}
-        self._replaying = _ReplaySwitch()
         self._snapshot_copy = _ReusedCopy()
 
     def active(self) -> bool:
@@ -203,7 +202,7 @@ class BatchNormStats:
                 [m.__dict__ for m in training],
                 [m.__dict__ for m in frozen],
                 [False] * len(frozen),
-                [_replaying_forward(m, self._stats, self._replay_calls, self._replaying) for m in training],
+                [_replaying_forward(m, self._stats, self._replay_calls) for m in training],
             )
             self._plan_key = key
             self._bound = None
@@ -229,66 +228,6 @@ class BatchNormStats:
         """Within: training-mode layers use batch statistics but leave running statistics (and their count) alone."""
         plan = self._layer_plan()
         return _InstanceAttrs(plan.frozen_dicts, "track_running_stats", plan.unfrozen)
-
-    def tail_passes(self, replay_first: bool) -> _TailPasses:
-        """Within: :meth:`freeze_running_stats`; with ``replay_first``, also :meth:`replay` until
-        :meth:`_TailPasses.end_replay`, from where each layer runs its own forward again (still frozen).
-
-        Fast mode's two tail passes (and the ascent between them) under one context: the layers' attributes
-        are written once before the first pass and put back once after the second, instead of around each
-        pass. Each of those writes walks the instance dicts of every training-mode layer, cold after a
-        backward."""
-        replay = self.replay() if replay_first else None
-        return _TailPasses(replay, self.freeze_running_stats(), self._replaying, self._layer_plan().training)
-
-
-class _ReplaySwitch:
-    """Whether the replaying forwards replay (``on``), and the instance-level forwards they stand in for."""
-
-    __slots__ = ("on", "own")
-
-    def __init__(self) -> None:
-        self.on = True
-        self.own: dict[_BatchNorm, Any] = {}
-
-
-class _TailPasses:
-    """The context of :meth:`BatchNormStats.tail_passes`: a freeze, and optionally a replay that can end early."""
-
-    __slots__ = ("_replay", "_freeze", "_switch", "_layers", "_own")
-
-    def __init__(self, replay: Optional[_InstanceAttrs], freeze: _InstanceAttrs, switch: _ReplaySwitch,
-                 layers: list[_BatchNorm]) -> None:
-        self._replay = replay
-        self._freeze = freeze
-        self._switch = switch
-        self._layers = layers
-        self._own: dict[_BatchNorm, Any] = {}
-
-    def __enter__(self) -> _TailPasses:
-        self._freeze.__enter__()
-        if self._replay is not None:
-            try:
-                self._replay.__enter__()
-            except BaseException:
-                self._freeze.__exit__()
-                raise
-            self._own = self._replay.saved_values(self._layers)
-        return self
-
-    def end_replay(self) -> None:
-        """From here on, each layer runs its own forward (its instance-level one if it had one)."""
-        if self._replay is not None:
-            self._switch.own = self._own
-            self._switch.on = False
-
-    def __exit__(self, *exc: object) -> None:
-        self._switch.on, self._switch.own = True, {}
-        try:
-            if self._replay is not None:
-                self._replay.__exit__()
-        finally:
-            self._freeze.__exit__()
 
 
 class _LayerPlan(NamedTuple):
@@ -330,13 +269,6 @@ class _InstanceAttrs:
         names = itertools.repeat(self._name)
         self._saved = list(map(dict.get, self._dicts, names, itertools.repeat(_MISSING)))
         _consume(map(dict.__setitem__, self._dicts, names, self._values))
-
-    def saved_values(self, owners: list[Any]) -> dict[Any, Any]:
-        """``{owner: value}`` for the instances that had a value of their own before :meth:`__enter__` (``owners``:
-        the dicts' owners, in order)."""
-        if all(map(operator.is_, self._saved, itertools.repeat(_MISSING))):
-            return {}
-        return {owner: old for owner, old in zip(owners, self._saved) if old is not _MISSING}
 
     def __exit__(self, *exc: object) -> None:
         name, saved = self._name, self._saved
@@ -538,16 +470,11 @@ def _running(module: _BatchNorm) -> tuple[Tensor, Tensor]:
 
 
 def _replaying_forward(module: _BatchNorm, stats: dict[_BatchNorm, list[tuple[Tensor, Tensor]]],
-                       calls: dict[_BatchNorm, int], switch: _ReplaySwitch) -> Callable[[Tensor], Tensor]:
+                       calls: dict[_BatchNorm, int]) -> Callable[[Tensor], Tensor]:
     """``module``'s forward on its recorded statistics ``stats[module]``, in call order (cycling; ``calls``
-    counts this replay's calls and is cleared at each :meth:`BatchNormStats.replay`). With ``switch`` off, the
-    layer's own forward: the one it had on its instance (``switch.own``), else its class's."""
-    own_forward = type(module).forward
+    counts this replay's calls and is cleared at each :meth:`BatchNormStats.replay`)."""
 
     def forward(x: Tensor) -> Tensor:
-        if not switch.on:
-            own = switch.own.get(module) if switch.own else None
-            return own(x) if own is not None else own_forward(module, x)
         module._check_input_dim(x)
         recorded = stats[module]
         k = calls.get(module, 0)

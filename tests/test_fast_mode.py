@@ -251,66 +251,6 @@ def test_replay_and_freeze_put_back_what_the_instance_had():
     assert calls == [8, 3]
 
 
-def test_tail_passes_replay_then_run_each_layers_own_forward_frozen():
-    """One context over both tail passes: replayed statistics until end_replay, then each layer's own forward (the
-    user's instance-level one where it had one) with its running statistics frozen; everything put back after."""
-    torch.manual_seed(0)
-    bn = nn.BatchNorm1d(4)
-    calls = []
-
-    def user_forward(x):
-        calls.append(x.shape[0])
-        return nn.BatchNorm1d.forward(bn, x)
-
-    bn.forward = user_forward
-    plain = nn.BatchNorm1d(4)
-    model = nn.Sequential(bn, plain)
-    stats = BatchNormStats(model)
-    x = torch.randn(8, 4)
-    with stats.record():
-        full = model(x)
-    calls.clear()
-    running = [b.clone() for b in model.buffers()]
-    with stats.tail_passes(replay_first=True) as passes:
-        torch.testing.assert_close(model(x[[1, 6]]), full[[1, 6]])  # replayed: the full batch's statistics
-        assert calls == []
-        passes.end_replay()
-        z = torch.randn(5, 4)
-        own = model(z)
-        assert calls == [5]
-        torch.testing.assert_close(own, F.batch_norm(F.batch_norm(z, None, None, training=True), None, None,
-                                                     training=True))
-        assert bn.track_running_stats is False and plain.track_running_stats is False
-    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), running))
-    assert bn.__dict__["forward"] is user_forward and "forward" not in plain.__dict__
-    assert bn.track_running_stats is True and plain.track_running_stats is True
-    with stats.tail_passes(replay_first=True):  # the replay is back on at the next step's context
-        torch.testing.assert_close(model(x[[2]]), full[[2]])
-    with pytest.raises(ValueError, match="boom"), stats.tail_passes(replay_first=False):
-        assert "forward" not in plain.__dict__ and plain.track_running_stats is False
-        raise ValueError("boom")
-    assert plain.track_running_stats is True and bn.__dict__["forward"] is user_forward
-
-
-def test_the_record_ends_with_the_forward_so_a_checkpointed_layer_stays_solved():
-    """A recomputation inside the backward (activation checkpointing) is not a second call of the layer: the
-    record has ended by then, so the layer keeps its statistics solved from the running-statistics update
-    (instead of moving to one ``var_mean`` per call) and they are the full forward's."""
-    torch.manual_seed(0)
-    model = Checkpointed(batchnorm=True)
-    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, **KW)
-    for x, y in vector_batches(2, seed=5):
-        y[0] = 9
-        before = copy.deepcopy(model)
-        opt.step(_closure(model, x, y), y)
-        assert opt._bn._per_call == set()
-        with torch.no_grad():
-            h = before.block[0](x)
-        mean, var = opt._bn._stats[model.block[1]][0]
-        torch.testing.assert_close(mean, h.mean(0), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(var, h.var(0, correction=0), rtol=1e-4, atol=1e-5)
-
-
 def test_closure_returning_wrong_shape_for_index_restores_weights():
     torch.manual_seed(0)
     model = mlp()

@@ -108,17 +108,14 @@ class StepRun:
             h.after_backward(self.opt, phase)
 
     def full_pass(self, weights: Tensor, phase: str, *, sync: bool, backward: bool = True,
-                  context: Callable[[], ContextManager[Any]] = nullcontext,
-                  forward_context: Callable[[], ContextManager[Any]] = nullcontext) -> tuple[Tensor, Tensor]:
+                  context: Callable[[], ContextManager[Any]] = nullcontext) -> tuple[Tensor, Tensor]:
         """Forward the batch and backward ``sum_i w_i l_i / B``; returns the per-sample losses and that loss,
-        detached. ``context()`` spans each chunk's forward and backward, ``forward_context()`` its forward only
-        (left before the backward starts)."""
+        detached."""
         chunks = self.chunks(None, weights.device)
         losses, total = [], []
         for i, chunk in enumerate(chunks):
             with context(), self.sync.forward_context(sync and i == len(chunks) - 1):
-                with forward_context():
-                    part = self.forward(chunk)
+                part = self.forward(chunk)
                 loss = self.loss(part, weights if chunk is None else weights[chunk])
                 if backward:
                     self.backward(loss, phase)
@@ -168,7 +165,7 @@ class StepRun:
     def tail_pass(self, index: Optional[Tensor], weights: Tensor, phase: str,
                   context: Callable[[], ContextManager[Any]] = nullcontext, *, sync: bool = False) -> Tensor:
         """Forward ``closure(index)`` and backward ``sum_i w_i l_i / B`` (``weights`` of the whole batch)
-        within ``context()`` (entered for each chunk); returns the loss, detached."""
+        within ``context()``; returns the loss, detached."""
         chunks = self.chunks(index, weights.device)
         total = []
         for i, chunk in enumerate(chunks):

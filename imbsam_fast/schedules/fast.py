@@ -26,10 +26,7 @@ statistics there (see :mod:`imbsam_fast.batchnorm`). ``fast_bn`` picks:
 
 Running statistics move only in the full forward. Replaying in both passes
 was measured to collapse the tail classes (``benchmarks/RESULTS.md``) and is
-not offered. The statistics are recorded during the full forward only (the
-record ends before its backward); the two tail passes, and the ascent and the
-``after_backward`` hooks between them, run under one BatchNorm context
-(:meth:`BatchNormStats.tail_passes`), so the layers are patched once a step.
+not offered.
 
 ``tail_capacity=K`` fixes the size of both tail passes: ``K`` samples chosen
 on the device (:func:`fixed_tail_index`), so no host sync reads the tail
@@ -102,8 +99,8 @@ class FastSchedule:
         n_tail = self._global_count(run, n_local, tail_w.device) if has_tail else 0
         bn = n_tail > 0 and self._bn.active()
         replay_at_w = bn and self.fast_bn == "replay-ghost" and run.micro_batches == 1
-        losses, head = run.full_pass(head_w, HEAD, sync=n_tail == 0, backward=has_head or n_tail == 0,
-                                     forward_context=self._bn.record if replay_at_w else nullcontext)
+        with self._bn.record() if replay_at_w else nullcontext():
+            losses, head = run.full_pass(head_w, HEAD, sync=n_tail == 0, backward=has_head or n_tail == 0)
         tail = run.loss(losses, tail_w)
         if n_tail == 0:
             run.plain_step()
@@ -114,12 +111,13 @@ class FastSchedule:
             # Tail samples elsewhere in the global batch: this process runs the same passes with zero weight.
             index = index.new_zeros(1)
             ghosts = ghosts if ghosts.numel() else index
-        with self._bn.tail_passes(replay_at_w) if bn else nullcontext() as passes:
-            run.tail_pass(index if replay_at_w else ghosts, tail_w, ASCENT)
-            if replay_at_w:
-                passes.end_replay()
-            run.ascend()
-            tail2 = run.tail_pass(ghosts, tail_w, PERTURBED, sync=True)
+        frozen = self._bn.freeze_running_stats if bn else nullcontext
+        if replay_at_w:
+            run.tail_pass(index, tail_w, ASCENT, self._bn.replay)
+        else:
+            run.tail_pass(ghosts, tail_w, ASCENT, frozen)
+        run.ascend()
+        tail2 = run.tail_pass(ghosts, tail_w, PERTURBED, frozen, sync=True)
         run.descend()
         return StepLosses(head, tail, tail2, losses)
 
@@ -127,17 +125,15 @@ class FastSchedule:
         """Tail passes of exactly ``K = tail_capacity`` samples, chosen on the device (see ``fixed_tail_index``)."""
         bn = self._bn.active()
         replay_at_w = bn and self.fast_bn == "replay-ghost" and run.micro_batches == 1
-        losses, head = run.full_pass(head_w, HEAD, sync=False, backward=has_head,
-                                     forward_context=self._bn.record if replay_at_w else nullcontext)
+        with self._bn.record() if replay_at_w else nullcontext():
+            losses, head = run.full_pass(head_w, HEAD, sync=False, backward=has_head)
         tail = run.loss(losses, tail_w)
         index, weights = fixed_tail_index(tail_w, min(self.tail_capacity, tail_w.numel()))
         run.stash()
-        with self._bn.tail_passes(replay_at_w) if bn else nullcontext() as passes:
-            run.tail_pass(index, weights, ASCENT)
-            if replay_at_w:
-                passes.end_replay()
-            run.ascend()
-            tail2 = run.tail_pass(index, weights, PERTURBED, sync=True)
+        frozen = self._bn.freeze_running_stats if bn else nullcontext
+        run.tail_pass(index, weights, ASCENT, self._bn.replay if replay_at_w else frozen)
+        run.ascend()
+        tail2 = run.tail_pass(index, weights, PERTURBED, frozen, sync=True)
         run.descend()
         return StepLosses(head, tail, tail2, losses)
 
