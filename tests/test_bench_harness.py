@@ -185,3 +185,30 @@ def test_the_book_benchmark_times_both_phases_on_the_same_batches(capsys, monkey
     out = capsys.readouterr().out
     assert "book / python phases:" in out and "python phases" in out
     assert books.count(True) == books.count(False) == 7
+
+
+def test_the_backward_windows_end_when_the_backward_returns():
+    """What the library does after a backward and before ``after_backward`` (leaving a pass's BatchNorm context,
+    the DDP sync of the ascent gradient) is host time outside the backward: neither timer may count it, and
+    both must count the whole backward (here a leaf hook that takes 20 ms)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from imbsam_fast.apps.bench.step_time import _WallWindows, _Windows
+
+    x = torch.randn(64, requires_grad=True)
+    x.register_hook(lambda g: time.sleep(0.02))
+    wall = _WallWindows()
+    loss = wall.before_backward(None, "head", (x * 2).sum())
+    loss.backward()
+    time.sleep(0.05)
+    wall.after_backward(None, "head")
+    assert 0.02 <= wall.seconds < 0.045
+    assert torch.equal(x.grad, torch.full((64,), 2.0))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss = _Windows().before_backward(None, "head", (x * 3).sum())
+        loss.backward()
+        time.sleep(0.05)
+    windows = [e for e in prof.events() if e.name == "imbsam_bench::backward"]
+    assert len(windows) == 1 and 20e3 <= windows[0].cpu_time_total < 45e3  # microseconds

@@ -177,20 +177,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-class _Windows(StepHooks):
-    """Marks every backward of a step as a profiler range."""
+class _TimedLoss(torch.Tensor):
+    """A step's loss (the same tensor, still in its graph) whose ``backward()`` calls ``on_return`` when it returns.
 
-    def __init__(self) -> None:
-        self._open: list[torch.autograd.profiler.record_function] = []
+    The timers close their backward windows there, not at ``after_backward``: that hook runs once the pass is
+    complete, after whatever the library does between a backward and its hooks (leaving a pass's BatchNorm
+    context, the DDP sync of the ascent gradient), which would then count as backward time."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    on_return: Callable[[], None]
+
+    def backward(self, *args, **kwargs):  # type: ignore[override]
+        try:
+            super().backward(*args, **kwargs)
+        finally:
+            self.on_return()
+
+
+def timed_loss(loss: torch.Tensor, on_return: Callable[[], None]) -> torch.Tensor:
+    """``loss`` as a :class:`_TimedLoss`: what a ``before_backward`` hook returns to time the backward exactly."""
+    timed = loss.as_subclass(_TimedLoss)
+    timed.on_return = on_return
+    return timed
+
+
+class _Windows(StepHooks):
+    """Marks every backward of a step as a profiler range, from its call to its return (:func:`timed_loss`)."""
 
     def before_backward(self, opt, phase, loss):
         rf = torch.autograd.profiler.record_function("imbsam_bench::backward")
         rf.__enter__()
-        self._open.append(rf)
-        return loss
-
-    def after_backward(self, opt, phase):
-        self._open.pop().__exit__(None, None, None)
+        return timed_loss(loss, lambda: rf.__exit__(None, None, None))
 
 
 def host_overhead(method: str, eta: float, batches: int, device: torch.device, norm: str = "batch",
@@ -307,7 +324,8 @@ def _host_timer(method: str, tail_mask: torch.Tensor, width: int, book: bool = T
 
 
 class _WallWindows(StepHooks):
-    """Wall-clock seconds spent in backwards (hooks) and in the closure (``timed``) during a step."""
+    """Wall-clock seconds spent in backwards (from each call to its return, :func:`timed_loss`) and in the
+    closure (``timed``) during a step."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -315,9 +333,9 @@ class _WallWindows(StepHooks):
 
     def before_backward(self, opt, phase, loss):
         self._t0 = time.perf_counter()
-        return loss
+        return timed_loss(loss, self._end)
 
-    def after_backward(self, opt, phase):
+    def _end(self) -> None:
         self.seconds += time.perf_counter() - self._t0
 
     def timed(self, closure):
