@@ -190,7 +190,7 @@ def test_the_book_benchmark_times_both_phases_on_the_same_batches(capsys, monkey
 def test_the_backward_windows_end_when_the_backward_returns():
     """What the library does after a backward and before ``after_backward`` (leaving a pass's BatchNorm context,
     the DDP sync of the ascent gradient) is host time outside the backward: neither timer may count it, and
-    both must count the whole backward (here a leaf hook that takes 20 ms)."""
+    both must count the whole backward (here a leaf hook that takes 20 ms, then 100 ms of other work)."""
     import time
 
     from torch.profiler import ProfilerActivity, profile
@@ -202,13 +202,13 @@ def test_the_backward_windows_end_when_the_backward_returns():
     wall = _WallWindows()
     loss = wall.before_backward(None, "head", (x * 2).sum())
     loss.backward()
-    time.sleep(0.05)
+    time.sleep(0.1)
     wall.after_backward(None, "head")
-    assert 0.02 <= wall.seconds < 0.045
+    assert 0.02 <= wall.seconds < 0.07
     assert torch.equal(x.grad, torch.full((64,), 2.0))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         loss = _Windows().before_backward(None, "head", (x * 3).sum())
         loss.backward()
-        time.sleep(0.05)
+        time.sleep(0.1)
     windows = [e for e in prof.events() if e.name == "imbsam_bench::backward"]
-    assert len(windows) == 1 and 20e3 <= windows[0].cpu_time_total < 45e3  # microseconds
+    assert len(windows) == 1 and 20e3 <= windows[0].cpu_time_total < 70e3  # microseconds
