@@ -178,7 +178,8 @@ def _sync(device: torch.device) -> None:
 
 
 class _TimedLoss(torch.Tensor):
-    """A step's loss (the same tensor, still in its graph) whose ``backward()`` calls ``on_return`` when it returns.
+    """An alias of a step's loss (``as_subclass``: the same storage, in the same graph behind one view node) whose
+    ``backward()`` calls ``on_return`` when it returns.
 
     The timers close their backward windows there, not at ``after_backward``: that hook runs once the pass is
     complete, after whatever the library does between a backward and its hooks (leaving a pass's BatchNorm
