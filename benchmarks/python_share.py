@@ -6,8 +6,13 @@ its innermost frame: a Python line or the interpreter (Python), libc (allocation
 native library (torch operators, OpenMP, math). Samples inside the closure's forwards and inside ``backward``
 are counted apart. py-spy is not a dependency: ``pip install py-spy`` first (it needs ptrace rights).
 
-    python benchmarks/python_share.py [--mode fast|exact] [--steps 20] [--rate 100] [--width 16] [--threads N]
-                                      [--no-book]
+    python benchmarks/python_share.py [--mode fast|exact] [--steps 20] [--warmup 5] [--runs 1] [--rate 100]
+                                      [--width 16] [--threads N] [--no-book]
+
+``--warmup`` steps run first, under the sampler, and are left out of every count: the first steps build the
+layouts, the fused plans and the extension's book, which a long run pays once. ``--runs N`` samples N
+processes in turn and pools them: processes differ by more than their sampling error, so the pooled figure's
+error comes from the runs' spread (:func:`pool`).
 
 The same steps first run without the sampler, and their time per step turns each share into milliseconds
 (the sampler slows the process down about uniformly, so shares carry over, absolute times do not).
@@ -21,20 +26,24 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 TARGET = """
 import sys, time, torch, torch.nn.functional as F
 from imbsam_fast.apps.bench.step_time import cifar100_lt_batches, make_steppers
 if {threads} > 0:
     torch.set_num_threads({threads})
-data, mask = cifar100_lt_batches({n} * 2 + 20, 64, 20, torch.device("cpu"), 1)
-data = [(x if {width} >= 16 else x[:, :, :8, :8], y) for x, y in data if int(mask[y].sum()) > 0][:{n}]
+data, mask = cifar100_lt_batches(({n} + {warmup}) * 2 + 20, 64, 20, torch.device("cpu"), 1)
+data = [(x if {width} >= 16 else x[:, :, :8, :8], y) for x, y in data if int(mask[y].sum()) > 0][:{n} + {warmup}]
+warm, data = data[:{warmup}], data[{warmup}:]
 step, opts = make_steppers(torch.device("cpu"), mask, methods=["{mode}"], width={width})
 opt, model = opts["{mode}"], step.models["{mode}"]
 if {no_book}:
@@ -46,6 +55,10 @@ def closure_of(x, y):
     def closure(index=None):
         return user_forward(x, y, index)
     return closure
+def warm_up():
+    for x, y in warm:
+        opt.step(closure_of(x, y), y)
+warm_up()
 t0 = time.perf_counter()
 for x, y in data:
     opt.step(closure_of(x, y), y)
@@ -60,7 +73,7 @@ def classify(raw: Path) -> tuple[int, collections.Counter]:
     for line in raw.read_text().splitlines():
         stack, _, cnt = line.rpartition(" ")
         n, frames = int(cnt), stack.split(";")
-        if not any(f.startswith("ImbSAM.step ") for f in frames):
+        if not any(f.startswith("ImbSAM.step ") for f in frames) or any(f.startswith("warm_up (") for f in frames):
             continue
         total += n
         # py-spy names methods by class ("Tensor.backward"); older releases did not.
@@ -94,35 +107,73 @@ def report(total: int, counts: collections.Counter, step_seconds: float) -> list
     return lines
 
 
+PYTHON = "ImbSAM outside fwd/bwd: python"
+
+
+def pool(runs: list[tuple[int, collections.Counter, float]], kind: str = PYTHON) -> dict[str, Any]:
+    """``kind``'s ms per step over several runs (each ``(samples in the step, classes, unsampled step in s)``).
+
+    Every run is one process, and processes differ by more than their sampling error (memory layout, the
+    machine's load): the mean is taken over runs, with the standard error from their spread
+    (``stdev / sqrt(runs)``), beside the error sampling alone would give (``mean / sqrt(samples)``).
+    """
+    per_run = [counts[kind] / max(total, 1) * step * 1e3 for total, counts, step in runs]
+    samples = sum(counts[kind] for _, counts, _ in runs)
+    mean = statistics.fmean(per_run)
+    spread = statistics.stdev(per_run) / math.sqrt(len(per_run)) if len(per_run) > 1 else math.nan
+    return {"per_run_ms": per_run, "samples": samples, "mean_ms": mean, "stderr_ms": spread,
+            "sampling_stderr_ms": mean / math.sqrt(samples) if samples else math.nan}
+
+
+def measure(spy: str, script: Path, raw: Path, rate: int) -> tuple[int, collections.Counter, float]:
+    """One run: the steps without the sampler (the step time), then under py-spy (the classes)."""
+    plain = subprocess.run([sys.executable, str(script)], check=True, capture_output=True, text=True)
+    step_seconds = float(plain.stdout.split()[-1])
+    subprocess.run([spy, "record", "--native", "-r", str(rate), "-f", "raw", "-o", str(raw), "--",
+                    sys.executable, str(script)], check=True, capture_output=True)
+    total, counts = classify(raw)
+    return total, counts, step_seconds
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", default="fast", choices=["fast", "exact"])
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5,
+                    help="steps run first and left out (layouts, plans and the extension's first calls)")
+    ap.add_argument("--runs", type=int, default=1, help="processes sampled in turn, pooled at the end")
     ap.add_argument("--rate", type=int, default=100, help="samples per second (native unwinding is costly)")
     ap.add_argument("--width", type=int, default=16, help="ResNet-32's first-stage channels (16: the model)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--raw", help="also keep py-spy's raw samples in this file")
+    ap.add_argument("--raw", help="also keep py-spy's raw samples in this file (run i > 1: suffix .i)")
     ap.add_argument("--no-book", action="store_true", help="the Python phases (the extension's ParamBook off)")
     args = ap.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.runs < 1 or args.rate < 1:
+        ap.error("--steps, --runs and --rate must be >= 1 and --warmup >= 0")
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
         print("python_share: py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 2
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         script, raw = Path(tmp) / "target.py", Path(tmp) / "raw.txt"
-        script.write_text(TARGET.format(n=args.steps, mode=args.mode, width=args.width, threads=args.threads,
-                                       no_book=args.no_book))
-        plain = subprocess.run([sys.executable, str(script)], check=True, capture_output=True, text=True)
-        step_seconds = float(plain.stdout.split()[-1])
-        subprocess.run([spy, "record", "--native", "-r", str(args.rate), "-f", "raw", "-o", str(raw), "--",
-                        sys.executable, str(script)], check=True, capture_output=True)
-        total, counts = classify(raw)
-        if args.raw:
-            shutil.copyfile(raw, args.raw)
-    print(f"# {args.mode} mode, {args.steps} steps with tail samples, BatchNorm ResNet-32 (width {args.width}) batch "
-          f"64, {args.threads or 'default'} threads; {total} samples inside ImbSAM.step; unsampled step "
-          f"{step_seconds * 1e3:.1f} ms")
-    print("\n".join(report(total, counts, step_seconds)))
+        script.write_text(TARGET.format(n=args.steps, warmup=args.warmup, mode=args.mode, width=args.width,
+                                       threads=args.threads, no_book=args.no_book))
+        for i in range(args.runs):
+            total, counts, step_seconds = measure(spy, script, raw, args.rate)
+            runs.append((total, counts, step_seconds))
+            if args.raw:
+                shutil.copyfile(raw, args.raw if i == 0 else f"{args.raw}.{i + 1}")
+            print(f"# run {i + 1} of {args.runs}: {args.mode} mode, {args.steps} steps with tail samples (after "
+                  f"{args.warmup} left out), BatchNorm ResNet-32 (width {args.width}) batch 64, "
+                  f"{args.threads or 'default'} threads; {total} samples inside ImbSAM.step; unsampled step "
+                  f"{step_seconds * 1e3:.1f} ms", flush=True)
+            print("\n".join(report(total, counts, step_seconds)), flush=True)
+    if args.runs > 1:
+        p = pool(runs)
+        print(f"# python outside fwd/bwd over {args.runs} runs: {p['mean_ms']:.3f} ms a step "
+              f"(+- {p['stderr_ms']:.3f} from the runs' spread, +- {p['sampling_stderr_ms']:.3f} from "
+              f"{p['samples']} samples alone); per run " + ", ".join(f"{ms:.3f}" for ms in p["per_run_ms"]))
     return 0
 
 

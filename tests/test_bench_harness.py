@@ -1,5 +1,6 @@
 """The step-time harness: its control method, its page-fault counts, and keeping freed memory."""
 
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -82,6 +83,8 @@ def test_python_share_classifies_samples_by_their_innermost_frame(tmp_path):
         "std::fma (cmath:1399) 7",
         f"{step};ImbSAM.first_step (imbsam_fast/optimizer.py:313);_PyEval_EvalFrameDefault (libpython3.11.so.1.0) 3",
         "<module> (t.py:3);import_torch (torch/__init__.py:1) 99",
+        "<module> (t.py:9);warm_up (t.py:4);ImbSAM.step (imbsam_fast/optimizer.py:500);"
+        "BatchNormStats.record (imbsam_fast/batchnorm.py:133) 40",
     ]))
     total, counts = share.classify(raw)
     assert total == 117
@@ -91,6 +94,28 @@ def test_python_share_classifies_samples_by_their_innermost_frame(tmp_path):
     lines = share.report(total, counts, 0.117)
     python = next(ln for ln in lines if ln.endswith("outside fwd/bwd: python"))
     assert python.split()[:3] == ["7", "5.98%", "7.000"]
+
+
+def test_python_share_pools_runs_by_their_spread():
+    """Each run's share times its own step; the error is the runs' spread, not the pooled samples'."""
+    import collections
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "python_share.py"
+    spec = importlib.util.spec_from_file_location("python_share", path)
+    share = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(share)
+    kind = share.PYTHON
+    runs = [(1000, collections.Counter({kind: 10, "forward and backward": 990}), 0.5),
+            (2000, collections.Counter({kind: 40}), 1.0),
+            (500, collections.Counter({kind: 0}), 0.6)]
+    p = share.pool(runs)
+    assert p["per_run_ms"] == pytest.approx([5.0, 20.0, 0.0])
+    assert p["samples"] == 50
+    assert p["mean_ms"] == pytest.approx(25.0 / 3)
+    assert p["stderr_ms"] == pytest.approx(statistics.stdev([5.0, 20.0, 0.0]) / 3 ** 0.5)
+    assert p["sampling_stderr_ms"] == pytest.approx(25.0 / 3 / 50 ** 0.5)
 
 
 def test_python_opcodes_counts_the_step_and_leaves_out_the_forward():
