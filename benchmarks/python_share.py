@@ -102,9 +102,13 @@ def report(total: int, counts: collections.Counter, step_seconds: float) -> list
     """One line per class: samples, share of the step's samples, and that share of the unsampled step in ms."""
     lines = [f"{'samples':>7} {'share':>7} {'ms/step':>8}  class"]
     for kind, n in counts.most_common():
-        share = n / max(total, 1)
-        lines.append(f"{n:7d} {100 * share:6.2f}% {share * step_seconds * 1e3:8.3f}  {kind}")
+        lines.append(f"{n:7d} {100 * n / max(total, 1):6.2f}% {ms_per_step(n, total, step_seconds):8.3f}  {kind}")
     return lines
+
+
+def ms_per_step(samples: int, total: int, step_seconds: float) -> float:
+    """A class's share of the step's samples, times the unsampled step, in ms."""
+    return samples / max(total, 1) * step_seconds * 1e3
 
 
 PYTHON = "ImbSAM outside fwd/bwd: python"
@@ -113,11 +117,11 @@ PYTHON = "ImbSAM outside fwd/bwd: python"
 def pool(runs: list[tuple[int, collections.Counter, float]], kind: str = PYTHON) -> dict[str, Any]:
     """``kind``'s ms per step over several runs (each ``(samples in the step, classes, unsampled step in s)``).
 
-    Every run is one process, and processes differ by more than their sampling error (memory layout, the
-    machine's load): the mean is taken over runs, with the standard error from their spread
+    Every run is one process, and processes differ by more than their sampling error (the machine's load,
+    perhaps their memory layout): the mean is taken over runs, with the standard error from their spread
     (``stdev / sqrt(runs)``), beside the error sampling alone would give (``mean / sqrt(samples)``).
     """
-    per_run = [counts[kind] / max(total, 1) * step * 1e3 for total, counts, step in runs]
+    per_run = [ms_per_step(counts[kind], total, step) for total, counts, step in runs]
     samples = sum(counts[kind] for _, counts, _ in runs)
     mean = statistics.fmean(per_run)
     spread = statistics.stdev(per_run) / math.sqrt(len(per_run)) if len(per_run) > 1 else math.nan

@@ -1,14 +1,27 @@
 """The step-time harness: its control method, its page-fault counts, and keeping freed memory."""
 
+import importlib.util
 import statistics
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 from imbsam_fast.apps.bench.step_time import report, run
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_script(name: str, module_name: str = "") -> ModuleType:
+    """``benchmarks/<name>.py`` loaded as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(module_name or name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_control_does_sgds_work_and_every_step_counts_its_faults():
@@ -62,13 +75,7 @@ def test_kept_memory_is_reused_without_page_faults():
 
 
 def test_python_share_classifies_samples_by_their_innermost_frame(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "python_share.py"
-    spec = importlib.util.spec_from_file_location("python_share", path)
-    share = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(share)
+    share = benchmark_script("python_share")
     step = "<module> (t.py:9);ImbSAM.step (imbsam_fast/optimizer.py:500)"
     raw = tmp_path / "raw.txt"
     raw.write_text("\n".join([
@@ -99,13 +106,7 @@ def test_python_share_classifies_samples_by_their_innermost_frame(tmp_path):
 def test_python_share_pools_runs_by_their_spread():
     """Each run's share times its own step; the error is the runs' spread, not the pooled samples'."""
     import collections
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "python_share.py"
-    spec = importlib.util.spec_from_file_location("python_share", path)
-    share = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(share)
+    share = benchmark_script("python_share")
     kind = share.PYTHON
     runs = [(1000, collections.Counter({kind: 10, "forward and backward": 990}), 0.5),
             (2000, collections.Counter({kind: 40}), 1.0),
@@ -121,18 +122,12 @@ def test_python_share_pools_runs_by_their_spread():
 def test_python_opcodes_counts_the_step_and_leaves_out_the_forward():
     """The count is the same on every run, and Python work inside the closure's forward (``user_forward``)
     or inside backward does not enter it."""
-    import importlib.util
-    from pathlib import Path
-
     import torch.nn.functional as F
     from models import mlp, vector_batches
 
     from imbsam_fast import ImbSAM
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "python_opcodes.py"
-    spec = importlib.util.spec_from_file_location("python_opcodes", path)
-    counter = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(counter)
+    counter = benchmark_script("python_opcodes")
     tail = torch.tensor([False] * 7 + [True] * 3)
 
     def count(extra_python: int) -> int:
@@ -167,13 +162,7 @@ def test_python_opcodes_counts_the_step_and_leaves_out_the_forward():
 
 def test_cold_calls_times_each_repeat_at_the_ascent_hook():
     """Every step reaches the ascent hook, and each of the repeated calls is timed there."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cold_calls.py"
-    spec = importlib.util.spec_from_file_location("cold_calls", path)
-    cold = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cold)
+    cold = benchmark_script("cold_calls")
     torch.manual_seed(0)
     us = cold.measure(width=1, steps=3, repeat=2, warmup=1)
     assert len(us) == 2 and all(t > 0 for t in us)
@@ -183,16 +172,10 @@ def test_cold_calls_times_each_repeat_at_the_ascent_hook():
                     reason="the C++ extension is not built")
 def test_the_book_benchmark_times_both_phases_on_the_same_batches(capsys, monkeypatch):
     """The A/B runs the ParamBook on one optimizer and the Python phases on the other, over the same batches."""
-    import importlib.util
-    from pathlib import Path
-
     from imbsam_fast.apps.bench import step_time
     from imbsam_fast.optimizer import ImbSAM
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ext_book.py"
-    spec = importlib.util.spec_from_file_location("ext_book_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("ext_book", "ext_book_bench")
     books = []
     real_step = ImbSAM.step
 
