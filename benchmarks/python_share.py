@@ -14,8 +14,11 @@ layouts, the fused plans and the extension's book, which a long run pays once. `
 processes in turn and pools them: processes differ by more than their sampling error, so the pooled figure's
 error comes from the runs' spread (:func:`pool`).
 
-The same steps first run without the sampler, and their time per step turns each share into milliseconds
-(the sampler slows the process down about uniformly, so shares carry over, absolute times do not).
+The same steps first run without the sampler, and their time per step turns each share into milliseconds.
+The sampler stops the process for every sample: at 100 Hz with native frames, a full ResNet-32 step took
+1.70 s under it against 0.6-0.7 s without, and a third of the samples repeat the one before. So samples are
+not independent, the errors printed here (from the counts) are lower bounds, and the shares may be biased
+(``benchmarks/RESULTS.md``, ninth session).
 ``--width 1 --threads 1`` keeps ResNet-32's 95 tensors and 31 BatchNorm layers with almost no arithmetic
 (8x8 inputs): the Python is then a few percent of the step, and a few hundred steps give a few hundred
 samples of it. py-spy does not see inside libpython here, so "Python" holds the interpreter's own work
@@ -34,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 TARGET = """
 import sys, time, torch, torch.nn.functional as F
@@ -66,14 +69,17 @@ print((time.perf_counter() - t0) / len(data))
 """
 
 
-def classify(raw: Path) -> tuple[int, collections.Counter]:
-    """Samples inside ImbSAM.step, and their classes."""
+def classify(raw: Path, within: Optional[str] = None) -> tuple[int, collections.Counter]:
+    """Samples inside ImbSAM.step, and their classes; with ``within``, only those under a frame of that
+    function (the arms of ``python_share_paired.py``)."""
     counts: collections.Counter = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, cnt = line.rpartition(" ")
         n, frames = int(cnt), stack.split(";")
         if not any(f.startswith("ImbSAM.step ") for f in frames) or any(f.startswith("warm_up (") for f in frames):
+            continue
+        if within is not None and not any(f.startswith(within + " (") for f in frames):
             continue
         total += n
         # py-spy names methods by class ("Tensor.backward"); older releases did not.
@@ -117,9 +123,10 @@ PYTHON = "ImbSAM outside fwd/bwd: python"
 def pool(runs: list[tuple[int, collections.Counter, float]], kind: str = PYTHON) -> dict[str, Any]:
     """``kind``'s ms per step over several runs (each ``(samples in the step, classes, unsampled step in s)``).
 
-    Every run is one process, and processes differ by more than their sampling error (the machine's load,
-    perhaps their memory layout): the mean is taken over runs, with the standard error from their spread
-    (``stdev / sqrt(runs)``), beside the error sampling alone would give (``mean / sqrt(samples)``).
+    Every run is one process, and runs differ by more than their sampling error (the machine's load, and
+    samples that are not independent, see the module's docstring): the mean is taken over runs, with the
+    standard error from their spread (``stdev / sqrt(runs)``), beside the error sampling alone would give
+    (``mean / sqrt(samples)``).
     """
     per_run = [ms_per_step(counts[kind], total, step) for total, counts, step in runs]
     samples = sum(counts[kind] for _, counts, _ in runs)

@@ -119,6 +119,27 @@ def test_python_share_pools_runs_by_their_spread():
     assert p["sampling_stderr_ms"] == pytest.approx(25.0 / 3 / 50 ** 0.5)
 
 
+def test_python_share_paired_splits_the_samples_by_arm(tmp_path):
+    """Each arm counts only the steps under its own function; B - A carries both counts' sampling error."""
+    paired = benchmark_script("python_share_paired")
+    step = "ImbSAM.step (imbsam_fast/optimizer.py:500)"
+    raw = tmp_path / "raw.txt"
+    raw.write_text("\n".join([
+        f"<module> (t.py:40);arm_a (t.py:30);{step};user_forward (t.py:20);conv2d (libtorch_cpu.so) 90",
+        f"<module> (t.py:40);arm_a (t.py:30);{step};BatchNormStats.record (imbsam_fast/batchnorm.py:133) 10",
+        f"<module> (t.py:40);arm_b (t.py:33);{step};user_forward (t.py:20);conv2d (libtorch_cpu.so) 80",
+        f"<module> (t.py:40);arm_b (t.py:33);{step};BusyAfterBackward.after_backward (p.py:9) 20",
+        f"<module> (t.py:45);warm_up (t.py:36);arm_b (t.py:33);{step};StepRun.finish (base.py:105) 50",
+    ]))
+    total_a, counts_a = paired.share.classify(raw, within="arm_a")
+    total_b, counts_b = paired.share.classify(raw, within="arm_b")
+    assert (total_a, counts_a[paired.share.PYTHON]) == (100, 10)
+    assert (total_b, counts_b[paired.share.PYTHON]) == (100, 20)
+    r = paired.compare((total_a, 10, 0.5), (total_b, 20, 0.5))
+    assert (r["a_ms"], r["b_ms"], r["diff_ms"]) == pytest.approx((50.0, 100.0, 50.0))
+    assert r["diff_err_ms"] == pytest.approx((50.0 ** 2 / 10 + 100.0 ** 2 / 20) ** 0.5)
+
+
 def test_python_opcodes_counts_the_step_and_leaves_out_the_forward():
     """The count is the same on every run, and Python work inside the closure's forward (``user_forward``)
     or inside backward does not enter it."""
