@@ -136,12 +136,18 @@ def pool(runs: list[tuple[int, collections.Counter, float]], kind: str = PYTHON)
             "sampling_stderr_ms": mean / math.sqrt(samples) if samples else math.nan}
 
 
-def measure(spy: str, script: Path, raw: Path, rate: int) -> tuple[int, collections.Counter, float]:
-    """One run: the steps without the sampler (the step time), then under py-spy (the classes)."""
+def run_twice(spy: str, script: Path, raw: Path, rate: int) -> list[str]:
+    """``script`` without the sampler (returns what it printed: its step times), then under py-spy with
+    native frames at ``rate`` Hz, its samples written to ``raw``."""
     plain = subprocess.run([sys.executable, str(script)], check=True, capture_output=True, text=True)
-    step_seconds = float(plain.stdout.split()[-1])
     subprocess.run([spy, "record", "--native", "-r", str(rate), "-f", "raw", "-o", str(raw), "--",
                     sys.executable, str(script)], check=True, capture_output=True)
+    return plain.stdout.split()
+
+
+def measure(spy: str, script: Path, raw: Path, rate: int) -> tuple[int, collections.Counter, float]:
+    """One run: the steps without the sampler (the step time), then under py-spy (the classes)."""
+    step_seconds = float(run_twice(spy, script, raw, rate)[-1])
     total, counts = classify(raw)
     return total, counts, step_seconds
 

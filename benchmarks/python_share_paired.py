@@ -25,7 +25,6 @@ import argparse
 import importlib.util
 import math
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -96,10 +95,7 @@ def compare(a: tuple[int, int, float], b: tuple[int, int, float]) -> dict[str, f
 
 def measure(spy: str, script: Path, raw: Path, rate: int) -> dict[str, Any]:
     """One process without the sampler (each arm's step time), one under py-spy (each arm's samples)."""
-    plain = subprocess.run([sys.executable, str(script)], check=True, capture_output=True, text=True)
-    step_a, step_b = map(float, plain.stdout.split()[-2:])
-    subprocess.run([spy, "record", "--native", "-r", str(rate), "-f", "raw", "-o", str(raw), "--",
-                    sys.executable, str(script)], check=True, capture_output=True)
+    step_a, step_b = map(float, share.run_twice(spy, script, raw, rate)[-2:])
     arms = {}
     for name, step in (("arm_a", step_a), ("arm_b", step_b)):
         total, counts = share.classify(raw, within=name)
