@@ -39,32 +39,36 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-TARGET = """
-import sys, time, torch, torch.nn.functional as F
+PRELUDE = """
+import importlib.util, sys, time, torch, torch.nn.functional as F
 from imbsam_fast.apps.bench.step_time import cifar100_lt_batches, make_steppers
 if {threads} > 0:
     torch.set_num_threads({threads})
 data, mask = cifar100_lt_batches(({n} + {warmup}) * 2 + 20, 64, 20, torch.device("cpu"), 1)
 data = [(x if {width} >= 16 else x[:, :, :8, :8], y) for x, y in data if int(mask[y].sum()) > 0][:{n} + {warmup}]
 warm, data = data[:{warmup}], data[{warmup}:]
+def user_forward(model, x, y, index):
+    return F.cross_entropy(model(x if index is None else x[index]), y if index is None else y[index],
+                           reduction="none")
+def closure_of(model, x, y):
+    def closure(index=None):
+        return user_forward(model, x, y, index)
+    return closure
+"""
+"""The targets' common start: the tail batches (``warm`` first, then ``data``) and the user's closure."""
+
+TARGET = PRELUDE + """
 step, opts = make_steppers(torch.device("cpu"), mask, methods=["{mode}"], width={width})
 opt, model = opts["{mode}"], step.models["{mode}"]
 if {no_book}:
     opt._book = None
-def user_forward(x, y, index):
-    return F.cross_entropy(model(x if index is None else x[index]), y if index is None else y[index],
-                           reduction="none")
-def closure_of(x, y):
-    def closure(index=None):
-        return user_forward(x, y, index)
-    return closure
 def warm_up():
     for x, y in warm:
-        opt.step(closure_of(x, y), y)
+        opt.step(closure_of(model, x, y), y)
 warm_up()
 t0 = time.perf_counter()
 for x, y in data:
-    opt.step(closure_of(x, y), y)
+    opt.step(closure_of(model, x, y), y)
 print((time.perf_counter() - t0) / len(data))
 """
 

@@ -31,14 +31,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-TARGET = """
-import importlib.util, time, torch, torch.nn.functional as F
-from imbsam_fast.apps.bench.step_time import cifar100_lt_batches, make_steppers
-if {threads} > 0:
-    torch.set_num_threads({threads})
-data, mask = cifar100_lt_batches(({n} + {warmup}) * 2 + 20, 64, 20, torch.device("cpu"), 1)
-data = [(x if {width} >= 16 else x[:, :, :8, :8], y) for x, y in data if int(mask[y].sum()) > 0][:{n} + {warmup}]
-warm, data = data[:{warmup}], data[{warmup}:]
+
+def _share_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("python_share", Path(__file__).with_name("python_share.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+share = _share_module()
+
+TARGET = share.PRELUDE + """
 arms = []
 for _ in range(2):
     step, opts = make_steppers(torch.device("cpu"), mask, methods=["fast"], width={width})
@@ -47,13 +50,6 @@ spec = importlib.util.spec_from_file_location("patch", {patch!r})
 patch = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(patch)
 patch.patch(*arms[1])
-def user_forward(model, x, y, index):
-    return F.cross_entropy(model(x if index is None else x[index]), y if index is None else y[index],
-                           reduction="none")
-def closure_of(model, x, y):
-    def closure(index=None):
-        return user_forward(model, x, y, index)
-    return closure
 def arm_a(x, y):
     opt, model = arms[0]
     opt.step(closure_of(model, x, y), y)
@@ -73,16 +69,6 @@ for i, (x, y) in enumerate(data):
         spent[arm] += time.perf_counter() - t0
 print(spent[arm_a] / len(data), spent[arm_b] / len(data))
 """
-
-
-def _share_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("python_share", Path(__file__).with_name("python_share.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-share = _share_module()
 
 
 def compare(a: tuple[int, int, float], b: tuple[int, int, float]) -> dict[str, float]:
