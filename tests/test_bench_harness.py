@@ -1,5 +1,6 @@
 """The step-time harness: its control method, its page-fault counts, and keeping freed memory."""
 
+import collections
 import importlib.util
 import statistics
 import subprocess
@@ -138,6 +139,76 @@ def test_python_share_paired_splits_the_samples_by_arm(tmp_path):
     r = paired.compare((total_a, 10, 0.5), (total_b, 20, 0.5))
     assert (r["a_ms"], r["b_ms"], r["diff_ms"]) == pytest.approx((50.0, 100.0, 50.0))
     assert r["diff_err_ms"] == pytest.approx((50.0 ** 2 / 10 + 100.0 ** 2 / 20) ** 0.5)
+
+
+def test_python_share_perf_classes_the_main_threads_samples_by_window_and_library():
+    """A sample counts for its arm's step only on the main thread, inside a step and outside every forward and
+    backward window (nested ones merged), classed by the library its instruction pointer lies in."""
+    perf = benchmark_script("python_share_perf")
+    script = "\n".join([
+        "    42 10.000000150:  7f01 (/usr/lib/libpython3.11.so.1.0)",   # before every step: start-up
+        "    42 10.000001050:  7f02 (/usr/lib/libpython3.11.so.1.0)",   # arm 0, outside: python
+        "    42 10.000001150:  7f03 (/usr/lib/x86_64-linux-gnu/libc.so.6)",
+        "    42 10.000001250:  ffff81 ([kernel.kallsyms])",
+        "    42 10.000001350:  7f04 (/venv/torch/lib/libtorch_cpu.so)",  # inside the forward
+        "    42 10.000001750:  7f05 (/venv/torch/lib/libtorch_cpu.so)",  # inside the backward nested in it
+        "    43 10.000001060:  7f06 (/usr/lib/libpython3.11.so.1.0)",   # an OpenMP worker: left out
+        "    42 10.000002050:  7f07 (/src/imbsam_fast/_C.cpython-311-x86_64-linux-gnu.so)",  # arm 1
+        "    42 10.000002100:  7f08 (/venv/torch/lib/libtorch_python.so)",
+        "    42 10.000002200:  7f09 (/usr/lib/libpython3.11.so.1.0)",
+        "    42 10.000002300:  7f0a",                                    # no file: unknown
+        "    42 10.000003500:  7f0b (/usr/lib/libpython3.11.so.1.0)",   # after the last step
+        "perf script: a line that is not a sample",
+    ])
+    samples = perf.parse_samples(script)
+    assert len(samples) == 12
+    assert samples[1] == (42, 10_000_001_050, "(/usr/lib/libpython3.11.so.1.0)")
+    windows = {"tid": 42, "steps": [[1, 10_000_002_000, 10_000_003_000], [0, 10_000_001_000, 10_000_002_000]],
+               "inner": [[10_000_001_600, 10_000_001_800], [10_000_001_300, 10_000_001_900]]}
+    assert perf.merged(windows["inner"]) == [(10_000_001_300, 10_000_001_900)]
+    counts = perf.classify(samples, windows)
+    assert counts[0] == {"python": 1, "libc": 1, "kernel": 1, perf.INSIDE: 2}
+    assert counts[1] == {"imbsam_fast extension": 1, "torch's Python bindings": 1, "python": 1, "other native": 1}
+    ms = perf.per_step(collections.Counter({"python": 16}), steps=4, period_ns=250_000)
+    assert ms["python"] == pytest.approx((1.0, 0.25))
+    assert perf.pooled([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0 / 3 ** 0.5))
+
+
+def test_python_share_perf_gives_each_sample_to_the_innermost_call_it_lies_in():
+    """Self time: a sample goes to the latest-starting recorded call that holds it, within its own step;
+    samples in a forward or backward window, or in no call, go nowhere or to ``(no region)``."""
+    perf = benchmark_script("python_share_perf")
+    py, libc = "(/usr/lib/libpython3.11.so.1.0)", "(/usr/lib/libc.so.6)"
+    windows = {"tid": 7, "steps": [[0, 100, 200], [0, 300, 400]], "inner": [[150, 160]],
+               "regions": [["step", 100, 200], ["record", 110, 140], ["gather", 120, 130], ["solve", 141, 170],
+                           ["step", 300, 400]]}
+    samples = [(7, t, py) for t in (105, 115, 125, 135, 145, 155, 175, 305)] + [(7, 125, libc), (8, 125, py),
+                                                                              (7, 250, py)]
+    counts = perf.by_region(samples, windows)
+    assert counts == {("step", "python"): 3, ("record", "python"): 2, ("gather", "python"): 1,
+                      ("gather", "libc"): 1, ("solve", "python"): 1}
+    windows["regions"] = windows["regions"][1:4]
+    assert perf.by_region(samples, windows)[("(no region)", "python")] == 3
+
+
+def _perf_can_sample() -> bool:
+    import shutil
+    if shutil.which("perf") is None:
+        return False
+    probe = subprocess.run(["perf", "stat", "-e", "cpu-clock", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _perf_can_sample(), reason="Linux perf is not installed or may not sample here")
+def test_python_share_perf_runs_a_paired_target_under_perf(capsys):
+    """The target template formats, both arms step, and the steps' samples come back classified."""
+    perf = benchmark_script("python_share_perf")
+    patch = BENCHMARKS / "patches" / "nothing.py"
+    assert perf.main(["--steps", "2", "--warmup", "1", "--width", "1", "--threads", "1", "--period-us", "100",
+                      "--patch", str(patch)]) == 0
+    out = capsys.readouterr().out
+    assert "arm A" in out and "arm B (nothing.py)" in out and "B - A python:" in out
+    assert out.count(perf.INSIDE) == 2
 
 
 def test_python_opcodes_counts_the_step_and_leaves_out_the_forward():
