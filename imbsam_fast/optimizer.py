@@ -43,6 +43,7 @@ from .param_buckets import ParamBuckets, all_params, clear_grads, grads_in, para
 from .priors import ClassWeights, sample_weights
 from .scaling import ScaledStep, check_scaler
 from .schedules import StepLosses, StepRun, check_index_closure, make_schedule
+from .torch_step_hooks import CAN_SKIP_WRAPPER, keep_unwrapped, torch_step_hooks_active, with_torch_step_hooks
 
 __all__ = ["ImbSAM", "StepLosses", "NONFINITE"]
 
@@ -523,6 +524,7 @@ class ImbSAM(Optimizer):
 
     # -------------------------------------------------------------- one call
 
+    @keep_unwrapped
     def step(  # type: ignore[override]
         self,
         closure: Optional[Callable[..., Tensor]] = None,
@@ -563,7 +565,33 @@ class ImbSAM(Optimizer):
 
         With no closure, this is the base optimizer's ``step()``, so ImbSAM can
         stand in for a plain optimizer.
+
+        torch's step pre- and post-hooks and the profiler range
+        ``Optimizer.step#ImbSAM.step`` are entered (by torch's own wrapper) only
+        while a hook is registered or a profiler runs
+        (:mod:`imbsam_fast.torch_step_hooks`); hooks see ``closure`` and
+        ``targets``, where given, as positional arguments and any other given
+        argument by keyword.
         """
+        if CAN_SKIP_WRAPPER and type(self).step is ImbSAM.step and torch_step_hooks_active(self):
+            given = (closure, targets) if targets is not None else (closure,) if closure is not None else ()
+            keywords: dict[str, Any] = {}
+            if scaler is not None:
+                keywords["scaler"] = scaler
+            if micro_batches != 1:
+                keywords["micro_batches"] = micro_batches
+            return _step_with_torch_hooks(self, *given, **keywords)
+        return self._step(closure, targets, scaler=scaler, micro_batches=micro_batches)
+
+    def _step(
+        self,
+        closure: Optional[Callable[..., Tensor]] = None,
+        targets: Optional[Tensor] = None,
+        *,
+        scaler: Optional[torch.amp.GradScaler] = None,
+        micro_batches: int = 1,
+    ) -> Optional[StepLosses]:
+        """:meth:`step` itself, without torch's hooks."""
         if closure is None:
             if targets is not None:
                 raise TypeError("targets given without a closure")
@@ -677,6 +705,9 @@ class ImbSAM(Optimizer):
             f"ImbSAM(mode={self.mode!r}, backend={self.backend!r}, nonfinite={self.nonfinite!r}, "
             f"base={self.base_optimizer!r})"
         )
+
+
+_step_with_torch_hooks = with_torch_step_hooks(ImbSAM._step)
 
 
 def _finite(total: Optional[Tensor], tail: Optional[Tensor]) -> bool:
