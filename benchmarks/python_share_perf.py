@@ -74,9 +74,10 @@ torch.Tensor.backward = windowed(torch.Tensor.backward)
 user_forward = windowed(user_forward)
 regions = []
 if {regions}:
-    import types
+    import functools, types
     import torch.autograd.profiler as profiler
     def region(fn, name):
+        @functools.wraps(fn)  # keeps marks such as ImbSAM.step's ``hooked``
         def timed(*args, **kwargs):
             t0 = now()
             try:
