@@ -22,24 +22,14 @@ differences of this size.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-
-def _share_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("python_share", Path(__file__).with_name("python_share.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-share = _share_module()
+import python_share as share  # the sibling script (its directory is sys.path[0] when run)
 
 TARGET = share.PRELUDE + """
 arms = []

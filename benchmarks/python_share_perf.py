@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
-import importlib.util
 import json
 import math
 import shutil
@@ -45,18 +44,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Iterable, Optional, Sequence
 
-
-def _share_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("python_share", Path(__file__).with_name("python_share.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-share = _share_module()
+import python_share as share  # the sibling script (its directory is sys.path[0] when run)
 
 TARGET = share.PRELUDE + """
 import json, threading

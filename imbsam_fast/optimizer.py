@@ -583,14 +583,8 @@ class ImbSAM(Optimizer):
             return _step_with_torch_hooks(self, *given, **keywords)
         return self._step(closure, targets, scaler=scaler, micro_batches=micro_batches)
 
-    def _step(
-        self,
-        closure: Optional[Callable[..., Tensor]] = None,
-        targets: Optional[Tensor] = None,
-        *,
-        scaler: Optional[torch.amp.GradScaler] = None,
-        micro_batches: int = 1,
-    ) -> Optional[StepLosses]:
+    def _step(self, closure: Optional[Callable[..., Tensor]] = None, targets: Optional[Tensor] = None, *,
+              scaler: Optional[torch.amp.GradScaler] = None, micro_batches: int = 1) -> Optional[StepLosses]:
         """:meth:`step` itself, without torch's hooks."""
         if closure is None:
             if targets is not None:

@@ -18,7 +18,10 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def benchmark_script(name: str, module_name: str = "") -> ModuleType:
-    """``benchmarks/<name>.py`` loaded as a module (the scripts are not a package)."""
+    """``benchmarks/<name>.py`` loaded as a module (the scripts are not a package; they import each other as
+    siblings, as they do when run from benchmarks/)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(module_name or name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
