@@ -19,6 +19,10 @@ The sampler stops the process for every sample: at 100 Hz with native frames, a 
 1.70 s under it against 0.6-0.7 s without, and a third of the samples repeat the one before. So samples are
 not independent, the errors printed here (from the counts) are lower bounds, and the shares may be biased
 (``benchmarks/RESULTS.md``, ninth session).
+py-spy also drops libpython's frames, so the interpreter's work under a native frame (torch's bindings
+parsing arguments, tensors' wrappers being freed) counts as native here. ``python_share_perf.py`` (Linux
+perf's timer samples) stops nothing and counts it as Python: 1.76 ms a step (seven runs) where one run of
+this gave 1.28 on the same code and VM (tenth session). Use this sampler for lines, that one for the time.
 ``--width 1 --threads 1`` keeps ResNet-32's 95 tensors and 31 BatchNorm layers with almost no arithmetic
 (8x8 inputs): the Python is then a few percent of the step, and a few hundred steps give a few hundred
 samples of it. py-spy does not see inside libpython here, so "Python" holds the interpreter's own work
