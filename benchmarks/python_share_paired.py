@@ -17,6 +17,9 @@ difference should come out near 0) and ``busy_after_backward.py`` (about 0.3 ms 
 On the 2-core Xeon of ``benchmarks/RESULTS.md`` (ninth session, full ResNet-32, 150 tail batches, 100 Hz)
 the A/A run gave +0.68 +- 0.26 ms and the busy patch +0.03 +- 0.33 ms: there the sampler cannot resolve
 differences of this size.
+``python_share_perf.py --patch PATCH.py`` pairs the same arms under Linux perf, which stops nothing: on a
+2-core EPYC it gave +0.03 +- 0.10 ms for the A/A pair and +0.42 +- 0.10 ms for the busy patch (tenth
+session).
 """
 
 from __future__ import annotations
