@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import python_share as share  # the sibling script (its directory is sys.path[0] when run)
 
@@ -174,24 +174,27 @@ def _inside(windows: list[tuple[int, int]], starts: list[int], t: int) -> Option
     return i if i >= 0 and t < windows[i][1] else None
 
 
-def classify(samples: list[tuple[int, int, str]], windows: dict[str, Any]) -> dict[int, collections.Counter]:
-    """Per arm, the main thread's samples inside its steps: ``INSIDE`` within a forward or backward window,
-    else by :func:`dso_kind`. Samples of other threads, and outside every step (start-up, warm-up), are left
-    out."""
+def _step_samples(samples: list[tuple[int, int, str]], windows: dict[str, Any]
+                  ) -> Iterator[tuple[tuple[int, int, int], int, str, bool]]:
+    """The main thread's samples inside a step: ``((start, end, arm) of the step, time, dso, within a forward
+    or backward window)``. Samples of other threads, and outside every step (start-up, warm-up), are left out."""
     steps = sorted((t0, t1, arm) for arm, t0, t1 in windows["steps"])
     step_windows = [(t0, t1) for t0, t1, _ in steps]
     step_starts = [t0 for t0, _ in step_windows]
     inner = merged(windows["inner"])
     inner_starts = [t0 for t0, _ in inner]
-    counts: dict[int, collections.Counter] = {arm: collections.Counter() for _, _, arm in steps}
     for tid, t, dso in samples:
-        if tid != windows["tid"]:
-            continue
-        k = _inside(step_windows, step_starts, t)
-        if k is None:
-            continue
-        kind = INSIDE if _inside(inner, inner_starts, t) is not None else dso_kind(dso)
-        counts[steps[k][2]][kind] += 1
+        k = _inside(step_windows, step_starts, t) if tid == windows["tid"] else None
+        if k is not None:
+            yield steps[k], t, dso, _inside(inner, inner_starts, t) is not None
+
+
+def classify(samples: list[tuple[int, int, str]], windows: dict[str, Any]) -> dict[int, collections.Counter]:
+    """Per arm, the main thread's samples inside its steps: ``INSIDE`` within a forward or backward window,
+    else by :func:`dso_kind`."""
+    counts: dict[int, collections.Counter] = {arm: collections.Counter() for arm, _, _ in windows["steps"]}
+    for (_, _, arm), _, dso, inside in _step_samples(samples, windows):
+        counts[arm][INSIDE if inside else dso_kind(dso)] += 1
     return counts
 
 
@@ -199,21 +202,16 @@ def by_region(samples: list[tuple[int, int, str]], windows: dict[str, Any]) -> c
     """The step's own samples (main thread, inside a step, outside the forwards and backwards) by the innermost
     recorded call (``windows["regions"]``: ``(name, start, end)``, properly nested) they lie in, and their
     class: ``{(region, kind): samples}``; ``"(no region)"`` for those in none."""
-    steps = merged((t0, t1) for _, t0, t1 in windows["steps"])
-    step_starts = [t0 for t0, _ in steps]
-    inner = merged(windows["inner"])
-    inner_starts = [t0 for t0, _ in inner]
     regions = sorted((t0, -t1, name) for name, t0, t1 in windows["regions"])
     starts = [t0 for t0, _, _ in regions]
     out: collections.Counter = collections.Counter()
-    for tid, t, dso in samples:
-        k = _inside(steps, step_starts, t) if tid == windows["tid"] else None
-        if k is None or _inside(inner, inner_starts, t) is not None:
+    for (step_start, _, _), t, dso, inside in _step_samples(samples, windows):
+        if inside:
             continue
         name = "(no region)"
         for i in range(bisect.bisect_right(starts, t) - 1, -1, -1):
             t0, neg_end, candidate = regions[i]
-            if t0 < steps[k][0]:
+            if t0 < step_start:
                 break
             if t < -neg_end:
                 name = candidate
@@ -299,6 +297,7 @@ def main(argv=None) -> int:
     period_ns = args.period_us * 1000
     arms = 2 if patch else 1
     python_ms: dict[int, list[float]] = {a: [] for a in range(arms)}
+    python_err: dict[int, list[float]] = {a: [] for a in range(arms)}
     with tempfile.TemporaryDirectory() as tmp:
         script, data, win = Path(tmp) / "target.py", Path(tmp) / "perf.data", Path(tmp) / "windows.json"
         script.write_text(TARGET.format(n=args.steps, warmup=args.warmup, mode=args.mode, width=args.width,
@@ -317,14 +316,15 @@ def main(argv=None) -> int:
                     print(f"arm {'AB'[a]}" + (f" ({Path(patch).name})" if a else ""), flush=True)
                 print("\n".join(report(counts[a], len(walls), statistics.fmean(walls) / 1e6, period_ns)),
                       flush=True)
-                python_ms[a].append(per_step(counts[a], len(walls), period_ns).get(PYTHON, (0.0, 0.0))[0])
+                ms, err = per_step(counts[a], len(walls), period_ns).get(PYTHON, (0.0, 0.0))
+                python_ms[a].append(ms)
+                python_err[a].append(err)
             if args.regions:
                 print("\n".join(region_report(by_region(samples, windows), len(windows["steps"]), period_ns,
                                                args.regions)), flush=True)
             if arms > 1:
-                (a_ms, a_err), (b_ms, b_err) = (per_step(counts[a], args.steps, period_ns).get(PYTHON, (0.0, 0.0))
-                                                for a in range(2))
-                print(f"B - A python: {b_ms - a_ms:+.3f} ms a step (+- {math.hypot(a_err, b_err):.3f})", flush=True)
+                diff, err = python_ms[1][-1] - python_ms[0][-1], math.hypot(python_err[0][-1], python_err[1][-1])
+                print(f"B - A python: {diff:+.3f} ms a step (+- {err:.3f})", flush=True)
     if args.runs > 1:
         for a in range(arms):
             mean, err = pooled(python_ms[a])
