@@ -56,6 +56,8 @@ _MODE = operator.attrgetter("training", "momentum", "track_running_stats")
 _PRE_HOOKS = operator.attrgetter("_forward_pre_hooks")
 _POP_RECORD_HOOK = operator.methodcaller("pop", _RECORD_HOOK, None)
 _NOT_NONE = functools.partial(operator.is_not, None)
+_consume: Callable[[Iterator[Any]], None] = collections.deque(maxlen=0).extend
+"""Run an iterator to its end, keeping nothing (a bound C method: no frame, no deque made per call)."""
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -268,13 +270,13 @@ class _InstanceAttrs:
     def __enter__(self) -> None:
         names = itertools.repeat(self._name)
         self._saved = list(map(dict.get, self._dicts, names, itertools.repeat(_MISSING)))
-        _consume(map(dict.__setitem__, self._dicts, names, self._values))
+        _consume(map(operator.setitem, self._dicts, names, self._values))
 
     def __exit__(self, *exc: object) -> None:
         name, saved = self._name, self._saved
         missing = sum(map(operator.is_, saved, itertools.repeat(_MISSING)))
         if missing == 0:  # the modules' own values (such as track_running_stats), written back
-            _consume(map(dict.__setitem__, self._dicts, itertools.repeat(name), saved))
+            _consume(map(operator.setitem, self._dicts, itertools.repeat(name), saved))
             return
         if missing == len(saved):
             _consume(map(dict.pop, self._dicts, itertools.repeat(name), itertools.repeat(None)))
@@ -286,8 +288,6 @@ class _InstanceAttrs:
                 d[name] = old
 
 
-def _consume(iterator: Iterator[Any]) -> None:
-    collections.deque(iterator, maxlen=0)
 
 
 class _ReusedCopy:

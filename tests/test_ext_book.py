@@ -311,6 +311,28 @@ def test_a_new_param_group_rebuilds_the_book():
     assert ran["ascend"] == 6 and len(got[1]._book._params) == len(list(got[0].parameters())) + 2
 
 
+def test_the_books_methods_are_looked_up_once_not_at_every_step(monkeypatch):
+    """A ParamBook method looked up on the TorchScript object costs a failed attribute lookup and a module
+    import: the ExtBook looks each one up when it makes the book, and the steps call what it bound."""
+    from imbsam_fast.backends import ext_book
+
+    lookups: list[str] = []
+
+    class Looked:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            lookups.append(name)
+            return getattr(self.inner, name)
+
+    real = ext_book._new_book
+    monkeypatch.setattr(ext_book, "_new_book", lambda params: Looked(real(params)))
+    _, opt, ran = _run("fast", book=True, steps=6)
+    assert ran["ascend"] == 6 and ran["sgd"] >= 3  # the first steps plan the fused SGD step in Python
+    assert sorted(lookups) == sorted(ext_book._BOOK_METHODS)
+
+
 def test_a_failed_step_leaves_nothing_in_the_book():
     model, opt, _ = _run("fast", book=True, steps=2)
     before = [p.detach().clone() for p in model.parameters()]

@@ -47,6 +47,26 @@ def _new_book(params: list[Tensor]) -> Any:
     return torch.classes.imbsam_fast.ParamBook(params)
 
 
+_BOOK_METHODS = ("set_buckets", "set_sgd", "take", "give", "gradients", "drop", "ascend", "update_norm",
+                 "restore_sgd", "clear")
+
+
+class _BoundBook:
+    """A ParamBook's methods, each looked up once.
+
+    A method looked up on the TorchScript object fails the generic attribute lookup first (an AttributeError
+    formatted and dropped), then runs the object's ``__getattr__``, which imports a module and builds a new
+    ``ScriptMethod``: about 3 us a lookup on a warm cache, against 5 us for the call itself, six lookups a step.
+    """
+
+    __slots__ = ("book", *_BOOK_METHODS)
+
+    def __init__(self, book: Any) -> None:
+        self.book = book
+        for name in _BOOK_METHODS:
+            setattr(self, name, getattr(book, name))
+
+
 def book_available() -> bool:
     """Whether the extension is built and has the ParamBook class (one built before it has not)."""
     if not ext_available():
@@ -81,7 +101,7 @@ class ExtBook:
         params = list(_chain([g["params"] for g in groups]))
         if self._book is None or len(params) != len(self._params) or not all(
                 map(operator.is_, params, self._params)):
-            self._book = _new_book(params)
+            self._book = _BoundBook(_new_book(params))
             self._params, self._settings, self._sgd_of = params, None, None
         if self._book.take() != len(params):
             self._book.give()
