@@ -56,7 +56,8 @@ class _BoundBook:
 
     A method looked up on the TorchScript object fails the generic attribute lookup first (an AttributeError
     formatted and dropped), then runs the object's ``__getattr__``, which imports a module and builds a new
-    ``ScriptMethod``: about 3 us a lookup on a warm cache, against 5 us for the call itself, six lookups a step.
+    ``ScriptMethod``. A step made six lookups: about 0.2 ms of host time a step on ResNet-32 on a 2-core CPU,
+    paired in one process (``benchmarks/RESULTS.md``, eleventh session).
     """
 
     __slots__ = ("book", *_BOOK_METHODS)
