@@ -288,8 +288,6 @@ class _InstanceAttrs:
                 d[name] = old
 
 
-
-
 class _ReusedCopy:
     """``of(tensors)``: a copy of ``tensors`` into storage kept across calls, reallocated only when the
     tensors are not the same objects as last time. A copy is good until the next call.

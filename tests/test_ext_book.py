@@ -207,12 +207,13 @@ def test_the_three_step_api_goes_through_the_book():
 
 
 class _CountingBook:
-    """A ParamBook that counts the calls of each method."""
+    """A ParamBook that counts the calls of each method, and records each lookup of one."""
 
     def __init__(self, inner):
-        self.inner, self.calls = inner, {}
+        self.inner, self.calls, self.lookups = inner, {}, []
 
     def __getattr__(self, name):
+        self.lookups.append(name)
         method = getattr(self.inner, name)
 
         def call(*args):
@@ -311,26 +312,15 @@ def test_a_new_param_group_rebuilds_the_book():
     assert ran["ascend"] == 6 and len(got[1]._book._params) == len(list(got[0].parameters())) + 2
 
 
-def test_the_books_methods_are_looked_up_once_not_at_every_step(monkeypatch):
+def test_the_books_methods_are_looked_up_once_not_at_every_step(counted_books):
     """A ParamBook method looked up on the TorchScript object costs a failed attribute lookup and a module
     import: the ExtBook looks each one up when it makes the book, and the steps call what it bound."""
-    from imbsam_fast.backends import ext_book
+    from imbsam_fast.backends.ext_book import _BOOK_METHODS
 
-    lookups: list[str] = []
-
-    class Looked:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            lookups.append(name)
-            return getattr(self.inner, name)
-
-    real = ext_book._new_book
-    monkeypatch.setattr(ext_book, "_new_book", lambda params: Looked(real(params)))
     _, opt, ran = _run("fast", book=True, steps=6)
+    (book,) = counted_books
     assert ran["ascend"] == 6 and ran["sgd"] >= 3  # the first steps plan the fused SGD step in Python
-    assert sorted(lookups) == sorted(ext_book._BOOK_METHODS)
+    assert book.calls["take"] == 6 and sorted(book.lookups) == sorted(_BOOK_METHODS)
 
 
 def test_a_failed_step_leaves_nothing_in_the_book():
