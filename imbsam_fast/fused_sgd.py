@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from .backends import Bucket
 from .hooks import StepHooks
+from .torch_step_hooks import step_hooks_registered
 
 if TYPE_CHECKING:
     from .optimizer import ImbSAM
@@ -63,8 +63,7 @@ def fused_sgd_applies(opt: ImbSAM) -> bool:
     if opt.max_grad_norm is not None or opt._scaled is not None or any(
             map(_acts_before_base_step, opt._step_hooks if opt._active_hooks is None else opt._active_hooks)):
         return False
-    return not (base._optimizer_step_pre_hooks or base._optimizer_step_post_hooks or _global_optimizer_pre_hooks
-                or _global_optimizer_post_hooks or opt._sync.kind == "fsdp2")
+    return not (step_hooks_registered(base) or opt._sync.kind == "fsdp2")
 
 
 def _acts_before_base_step(hooks: StepHooks) -> bool:

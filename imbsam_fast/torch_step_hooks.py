@@ -25,7 +25,8 @@ try:
 except ImportError:  # pragma: no cover - a torch without them: its wrapper stays on every step
     _global_optimizer_pre_hooks = _global_optimizer_post_hooks = None
 
-__all__ = ["CAN_SKIP_WRAPPER", "keep_unwrapped", "torch_step_hooks_active", "with_torch_step_hooks"]
+__all__ = ["CAN_SKIP_WRAPPER", "keep_unwrapped", "step_hooks_registered", "torch_step_hooks_active",
+           "with_torch_step_hooks"]
 
 CAN_SKIP_WRAPPER = _global_optimizer_pre_hooks is not None and _global_optimizer_post_hooks is not None
 """Whether the wrapper can be left out: the global hook registries are readable in this torch."""
@@ -41,11 +42,16 @@ def keep_unwrapped(step: F) -> F:
     return step
 
 
-def torch_step_hooks_active(opt: Optimizer) -> bool:
-    """Whether torch's step wrapper has work: a step pre- or post-hook on ``opt`` or globally, or a running
-    profiler (``torch.profiler``, ``torch.autograd.profiler``, ``emit_nvtx``/``emit_itt``)."""
+def step_hooks_registered(opt: Optimizer) -> bool:
+    """Whether a step pre- or post-hook is registered on ``opt`` or globally (for every optimizer)."""
     return bool(opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks or _global_optimizer_pre_hooks
-                or _global_optimizer_post_hooks) or torch._C._autograd._profiler_enabled()
+                or _global_optimizer_post_hooks)
+
+
+def torch_step_hooks_active(opt: Optimizer) -> bool:
+    """Whether torch's step wrapper has work: :func:`step_hooks_registered`, or a running profiler
+    (``torch.profiler``, ``torch.autograd.profiler``, ``emit_nvtx``/``emit_itt``)."""
+    return step_hooks_registered(opt) or torch._C._autograd._profiler_enabled()
 
 
 def with_torch_step_hooks(step: F) -> F:

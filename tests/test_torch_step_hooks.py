@@ -102,3 +102,26 @@ def test_a_subclass_that_overrides_step_gets_each_hook_once():
     x, y = batches[0]
     opt.step(per_sample_closure(model, x, y), y)
     assert seen == ["pre", "post"] and opt.calls == 1
+
+
+def test_step_hooks_on_the_base_optimizer_or_global_ones_turn_the_fused_sgd_step_off():
+    """The fused restore + SGD pass skips the base optimizer's own step, so its hooks would never fire:
+    while one is registered (on the base or globally) the step is not fused, and after removal it is again."""
+    from imbsam_fast.backends.extension import ext_available
+    from imbsam_fast.fused_sgd import fused_sgd_applies
+
+    if not ext_available():
+        pytest.skip("the C++ extension is not built")
+    torch.manual_seed(0)
+    model = mlp()
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1, tail_mask=TAIL, mode="fast", model=model,
+                 backend="ext")
+    assert fused_sgd_applies(opt)
+    for register in (opt.base_optimizer.register_step_pre_hook, opt.base_optimizer.register_step_post_hook,
+                     register_optimizer_step_pre_hook, register_optimizer_step_post_hook):
+        handle = register(lambda o, a, k: None)
+        try:
+            assert not fused_sgd_applies(opt)
+        finally:
+            handle.remove()
+        assert fused_sgd_applies(opt)
