@@ -315,3 +315,70 @@ def test_the_backward_windows_end_when_the_backward_returns():
         time.sleep(0.1)
     windows = [e for e in prof.events() if e.name == "imbsam_bench::backward"]
     assert len(windows) == 1 and 20e3 <= windows[0].cpu_time_total < 70e3  # microseconds
+
+
+_BOUND_SKIPS = {
+    "bound_no_batchnorm": ["BatchNormStats.snapshot", "BatchNormStats.record", "BatchNormStats.replay",
+                           "BatchNormStats.freeze_running_stats"],
+    "bound_no_snapshot": ["BatchNormStats.snapshot"],
+    "bound_no_record": ["BatchNormStats.record"],
+    "bound_no_tail_contexts": ["BatchNormStats.replay", "BatchNormStats.freeze_running_stats"],
+    "bound_no_layout_checks": ["ExtBook.take", "_KeptPlan.holds", "BatchNormStats.buffers",
+                               "BatchNormStats._layer_plan", "_FlatStats.gather"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BOUND_SKIPS))
+def test_each_bound_patch_skips_what_it_names_and_its_arm_still_steps(name, monkeypatch):
+    """A bound's arm B must leave out the calls its docstring names (after the warm-up it may need) while an
+    unpatched arm makes every one of them at every tail step, and both arms must keep stepping."""
+    from imbsam_fast import fused_sgd
+    from imbsam_fast.apps.bench.step_time import cifar100_lt_batches, make_steppers
+    from imbsam_fast.backends import ext_book
+    from imbsam_fast.backends.ext_book import book_available
+    from imbsam_fast.batchnorm import BatchNormStats, _FlatStats
+
+    if name == "bound_no_layout_checks" and not book_available():
+        pytest.skip("the layout-check bound patches the C++ extension's ParamBook, which is not built")
+    owners = {"BatchNormStats": BatchNormStats, "_FlatStats": _FlatStats, "ExtBook": ext_book.ExtBook,
+              "_KeptPlan": fused_sgd._KeptPlan}
+    calls: collections.Counter = collections.Counter()
+    for qualname in _BOUND_SKIPS[name]:
+        owner, attr = qualname.split(".")
+        real = getattr(owners[owner], attr)
+
+        def counted(self, *args, _real=real, _name=qualname, **kwargs):
+            calls[_name, id(self)] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(owners[owner], attr, counted)
+    data, mask = cifar100_lt_batches(60, 16, 20, torch.device("cpu"), 1)
+    tail_batches = [(x[:, :, :8, :8], y) for x, y in data if int(mask[y].sum()) > 0][:6]
+    assert len(tail_batches) == 6
+    arms = []
+    for _ in range(2):
+        step, opts = make_steppers(torch.device("cpu"), mask, methods=["fast"], width=1)
+        arms.append((opts["fast"], step.models["fast"]))
+    (arm_a, _), (arm_b, model_b) = arms
+    if name == "bound_no_layout_checks":
+        from imbsam_fast import optimizer
+        monkeypatch.setattr(optimizer, "kept_plan", optimizer.kept_plan)  # the patch replaces it: undone after
+    benchmark_script(f"patches/{name}", f"patch_{name}").patch(arm_b, model_b)
+
+    def closure_of(model, x, y):
+        def closure(index=None):
+            out = model(x if index is None else x[index])
+            return torch.nn.functional.cross_entropy(out, y if index is None else y[index], reduction="none")
+        return closure
+
+    for i, (x, y) in enumerate(tail_batches):
+        if i == 3:
+            calls.clear()
+        for opt, model in arms:
+            assert torch.isfinite(opt.step(closure_of(model, x, y), y).perturbed_tail)
+    owned = {"BatchNormStats": lambda o: o._bn, "_FlatStats": lambda o: o._bn._flat, "ExtBook": lambda o: o._book,
+             "_KeptPlan": lambda o: o._fused_plan}
+    for qualname in _BOUND_SKIPS[name]:
+        of = owned[qualname.split(".")[0]]
+        assert calls[qualname, id(of(arm_a))] >= 3, qualname
+        assert calls[qualname, id(of(arm_b))] == 0, qualname
