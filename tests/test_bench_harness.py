@@ -380,5 +380,6 @@ def test_each_bound_patch_skips_what_it_names_and_its_arm_still_steps(name, monk
              "_KeptPlan": lambda o: o._fused_plan}
     for qualname in _BOUND_SKIPS[name]:
         of = owned[qualname.split(".")[0]]
+        assert of(arm_b) is not None, qualname  # else the count below would be of None's id
         assert calls[qualname, id(of(arm_a))] >= 3, qualname
         assert calls[qualname, id(of(arm_b))] == 0, qualname
