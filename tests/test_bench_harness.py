@@ -383,3 +383,41 @@ def test_each_bound_patch_skips_what_it_names_and_its_arm_still_steps(name, monk
         assert of(arm_b) is not None, qualname  # else the count below would be of None's id
         assert calls[qualname, id(of(arm_a))] >= 3, qualname
         assert calls[qualname, id(of(arm_b))] == 0, qualname
+
+
+def test_the_floor_patch_steps_through_the_book_alone_after_the_library_set_it_up(monkeypatch):
+    """``floor_minimal_step``: arm B steps through the library until the book has its buckets and SGD plan,
+    then only through its own few calls (the library's step is not entered), and its model keeps training:
+    every weight moves and the gradients are cleared."""
+    from imbsam_fast.apps.bench.step_time import cifar100_lt_batches, make_steppers
+    from imbsam_fast.backends.ext_book import book_available
+    from imbsam_fast.optimizer import ImbSAM
+
+    if not book_available():
+        pytest.skip("the floor calls the C++ extension's ParamBook, which is not built")
+    entered = collections.Counter()
+    real_step = ImbSAM._step
+
+    def counted(self, *args, **kwargs):
+        entered[id(self)] += 1
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImbSAM, "_step", counted)
+    data, mask = cifar100_lt_batches(60, 16, 20, torch.device("cpu"), 1)
+    tail_batches = [(x[:, :, :8, :8], y) for x, y in data if int(mask[y].sum()) > 0][:6]
+    step, opts = make_steppers(torch.device("cpu"), mask, methods=["fast"], width=1)
+    opt, model = opts["fast"], step.models["fast"]
+    benchmark_script("patches/floor_minimal_step", "patch_floor").patch(opt, model)
+    for i, (x, y) in enumerate(tail_batches):
+        if i == 3:
+            entered.clear()
+            before = [p.detach().clone() for p in model.parameters()]
+
+        def closure(index=None, x=x, y=y):
+            out = model(x if index is None else x[index])
+            return torch.nn.functional.cross_entropy(out, y if index is None else y[index], reduction="none")
+
+        opt.step(closure, y)
+    assert entered[id(opt)] == 0
+    assert all(p.grad is None for p in model.parameters())
+    assert sum(not torch.equal(a, p) for a, p in zip(before, model.parameters())) == len(before)
