@@ -33,7 +33,6 @@ import collections
 import functools
 import itertools
 import operator
-from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
@@ -75,7 +74,8 @@ class BatchNormStats:
         self._per_call: set[_BatchNorm] = set()
         self._flat = _FlatStats()
         self._plan_key: Any = None
-        self._plan = _LayerPlan([], [], [], [], [], [], [])
+        self._plan = _LayerPlan([], [], [], _InstanceAttrs([], "forward", []),
+                                _InstanceAttrs([], "track_running_stats", []))
         self._bound: Optional[list[list[tuple[Tensor, Tensor]]]] = None
         """The flat solve's per-layer views last put in ``_stats`` for the current plan (``None``: not all there)."""
         self._recorded_plan: Optional[_LayerPlan] = None
@@ -83,6 +83,7 @@ class BatchNormStats:
         self._pinned: Optional[_LayerPlan] = None
         self._replay_calls: dict[_BatchNorm, int] = {}
         self._snapshot_copy = _ReusedCopy()
+        self._recording = _Recording(self)
 
     def active(self) -> bool:
         """Whether any BatchNorm layer is in training mode (eval-mode layers need no handling)."""
@@ -116,8 +117,7 @@ class BatchNormStats:
             return None
         return BatchNormSnapshot(buffers, self._snapshot_copy.of(buffers))
 
-    @contextmanager
-    def record(self) -> Iterator[None]:
+    def record(self) -> _Recording:
         """Within: each training-mode layer stores the batch mean and biased variance of its input.
 
         Layers that track running statistics with a momentum ``m > 0`` give them
@@ -129,63 +129,7 @@ class BatchNormStats:
         Other layers (no running statistics, cumulative averaging, or called
         more than once per forward) compute ``var_mean`` of their input.
         """
-        plan = self._layer_plan()
-        training, order = plan.training, plan.solved
-        stats = self._stats  # changed in place: the replaying forwards read this dict
-        flat = self._flat.gather(order) if order else None
-        # The solved layers' entries are views of the flat solve's output, kept across steps (rewritten in place
-        # by each solve); every other layer's list is rebuilt by this forward.
-        if flat is None or self._bound is None:
-            stats.clear()
-            self._bound = None
-        else:
-            for m in plan.computed:
-                stats.pop(m, None)
-        self._recorded_plan = plan
-        solved = set(order) if flat is not None else set()
-        calls: dict[_BatchNorm, int] = {}
-        sizes: dict[_BatchNorm, int] = {}
-
-        def pre_hook(module: _BatchNorm, args: tuple[Tensor, ...]) -> None:
-            if not module.training:
-                return
-            count = calls[module] = calls.get(module, 0) + 1
-            if module in solved:
-                if count == 1:
-                    x = args[0]
-                    sizes[module] = x.numel() // x.shape[1]
-                    return
-                # A second call of the same layer: solve its first call now, and go per call from here on.
-                solved.discard(module)
-                self._per_call.add(module)
-                assert flat is not None
-                stats[module] = [flat.solve_one(module, sizes[module])]
-            x = args[0]
-            with torch.no_grad():
-                var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
-            stats.setdefault(module, []).append((mean, var))
-
-        # One dict entry per layer instead of register_forward_pre_hook's handle objects (this runs every step).
-        hooks = list(map(_PRE_HOOKS, training))
-        _consume(map(operator.setitem, hooks, itertools.repeat(_RECORD_HOOK), itertools.repeat(pre_hook)))
-        try:
-            yield
-        finally:
-            _consume(map(_POP_RECORD_HOOK, hooks))
-        # Every solved layer ran once (sizes holds the layers solved at their first call, solved loses those
-        # called again): one solve for all of them, into the views the entries already hold.
-        if flat is not None and len(solved) == len(sizes) == len(order):
-            recorded = flat.solve(tuple(map(sizes.__getitem__, order)))
-            if self._bound is not recorded:
-                stats.update(zip(order, recorded))
-                self._bound = recorded
-        elif flat is not None:
-            self._bound = None
-            for m in order:
-                if m in solved and m in sizes:
-                    stats[m] = [flat.solve_one(m, sizes[m])]
-                elif m not in sizes:
-                    stats.pop(m, None)
+        return self._recording
 
     def _layer_plan(self) -> _LayerPlan:
         """Which layers each context acts on, kept while the layers' mode, momentum and tracking stay as they
@@ -201,10 +145,9 @@ class BatchNormStats:
                 training,
                 solved,
                 [m for m in training if m not in solved],
-                [m.__dict__ for m in training],
-                [m.__dict__ for m in frozen],
-                [False] * len(frozen),
-                [_replaying_forward(m, self._stats, self._replay_calls) for m in training],
+                _InstanceAttrs([m.__dict__ for m in training], "forward",
+                               [_replaying_forward(m, self._stats, self._replay_calls) for m in training]),
+                _InstanceAttrs([m.__dict__ for m in frozen], "track_running_stats", [False] * len(frozen)),
             )
             self._plan_key = key
             self._bound = None
@@ -214,7 +157,7 @@ class BatchNormStats:
 
     def replay(self) -> _InstanceAttrs:
         """Within: training-mode layers normalize with the recorded statistics and update nothing."""
-        plan = self._layer_plan()
+        plan = self._pinned if self._pinned is not None else self._layer_plan()
         # Under the plan of the record, its entries are some of plan.training's: as many means all of them.
         if self._recorded_plan is not plan or len(self._stats) != len(plan.training):
             unrecorded = [m for m in plan.training if not self._stats.get(m)]
@@ -224,12 +167,98 @@ class BatchNormStats:
                     "forward; fast mode needs the same layers to run in both"
                 )
         self._replay_calls.clear()
-        return _InstanceAttrs(plan.training_dicts, "forward", plan.replaying_forwards)
+        return plan.replaying
 
     def freeze_running_stats(self) -> _InstanceAttrs:
         """Within: training-mode layers use batch statistics but leave running statistics (and their count) alone."""
-        plan = self._layer_plan()
-        return _InstanceAttrs(plan.frozen_dicts, "track_running_stats", plan.unfrozen)
+        plan = self._pinned if self._pinned is not None else self._layer_plan()
+        return plan.freezing
+
+
+class _Recording:
+    """:meth:`BatchNormStats.record`'s context, one kept per :class:`BatchNormStats`: a step records with three
+    Python calls (``record``, ``__enter__``, ``__exit__``), no generator and no context object made. It cannot
+    be entered again before it is left."""
+
+    __slots__ = ("_bn", "_flat", "_order", "_solved", "_calls", "_sizes", "_hooks", "_active")
+
+    def __init__(self, bn: BatchNormStats) -> None:
+        self._bn = bn
+        self._flat: Optional[_FlatStats] = None
+        self._order: list[_BatchNorm] = []
+        self._solved: set[_BatchNorm] = set()
+        self._calls: dict[_BatchNorm, int] = {}
+        self._sizes: dict[_BatchNorm, int] = {}
+        self._hooks: list[dict[int, Any]] = []
+        self._active = False
+
+    def __enter__(self) -> None:
+        if self._active:
+            raise RuntimeError("BatchNormStats.record() is already recording; it cannot be nested")
+        bn = self._bn
+        plan = bn._pinned if bn._pinned is not None else bn._layer_plan()
+        order = plan.solved
+        stats = bn._stats  # changed in place: the replaying forwards read this dict
+        flat = bn._flat.gather(order) if order else None
+        # The solved layers' entries are views of the flat solve's output, kept across steps (rewritten in place
+        # by each solve); every other layer's list is rebuilt by this forward.
+        if flat is None or bn._bound is None:
+            stats.clear()
+            bn._bound = None
+        else:
+            for m in plan.computed:
+                stats.pop(m, None)
+        bn._recorded_plan = plan
+        self._flat, self._order = flat, order
+        self._solved = set(order) if flat is not None else set()
+        self._calls, self._sizes = {}, {}
+        # One dict entry per layer instead of register_forward_pre_hook's handle objects (this runs every step).
+        self._hooks = hooks = list(map(_PRE_HOOKS, plan.training))
+        _consume(map(operator.setitem, hooks, itertools.repeat(_RECORD_HOOK), itertools.repeat(self._pre_hook)))
+        self._active = True
+
+    def _pre_hook(self, module: _BatchNorm, args: tuple[Tensor, ...]) -> None:
+        if not module.training:
+            return
+        calls = self._calls
+        count = calls[module] = calls.get(module, 0) + 1
+        if module in self._solved:
+            if count == 1:
+                x = args[0]
+                self._sizes[module] = x.numel() // x.shape[1]
+                return
+            # A second call of the same layer: solve its first call now, and go per call from here on.
+            self._solved.discard(module)
+            self._bn._per_call.add(module)
+            assert self._flat is not None
+            self._bn._stats[module] = [self._flat.solve_one(module, self._sizes[module])]
+        x = args[0]
+        with torch.no_grad():
+            var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+        self._bn._stats.setdefault(module, []).append((mean, var))
+
+    def __exit__(self, exc_type: Optional[type], *rest: object) -> None:
+        hooks, self._hooks, self._active = self._hooks, [], False
+        _consume(map(_POP_RECORD_HOOK, hooks))
+        flat, order, solved, sizes, bn = self._flat, self._order, self._solved, self._sizes, self._bn
+        self._flat = None
+        if exc_type is not None:
+            return
+        stats = bn._stats
+        # Every solved layer ran once (sizes holds the layers solved at their first call, solved loses those
+        # called again): one solve for all of them, into the views the entries already hold.
+        if flat is not None and len(solved) == len(sizes) == len(order):
+            recorded = flat.solve(tuple(map(sizes.__getitem__, order)))
+            if bn._bound is not recorded:
+                stats.update(zip(order, recorded))
+                bn._bound = recorded
+        elif flat is not None:
+            bn._bound = None
+            for m in order:
+                if m in solved and m in sizes:
+                    stats[m] = [flat.solve_one(m, sizes[m])]
+                elif m not in sizes:
+                    stats.pop(m, None)
 
 
 class _LayerPlan(NamedTuple):
@@ -240,14 +269,12 @@ class _LayerPlan(NamedTuple):
     """Training-mode layers whose batch statistics :meth:`BatchNormStats.record` solves from running statistics."""
     computed: list[_BatchNorm]
     """The other training-mode layers: their statistics are computed from the input at every call."""
-    training_dicts: list[dict[str, Any]]
-    """The training-mode layers' instance dicts."""
-    frozen_dicts: list[dict[str, Any]]
-    """The instance dicts of the training-mode layers that track running statistics."""
-    unfrozen: list[bool]
-    """``False`` for each of those: their ``track_running_stats`` within a freeze."""
-    replaying_forwards: list[Callable[[Tensor], Tensor]]
-    """One per training-mode layer: its forward on the recorded statistics."""
+    replaying: _InstanceAttrs
+    """:meth:`BatchNormStats.replay`'s context: each training-mode layer's ``forward`` is its forward on the
+    recorded statistics."""
+    freezing: _InstanceAttrs
+    """:meth:`BatchNormStats.freeze_running_stats`'s context: ``track_running_stats = False`` on the
+    training-mode layers that track running statistics."""
 
 
 class _InstanceAttrs:
@@ -256,7 +283,8 @@ class _InstanceAttrs:
     had there before (nothing, its own value, or an instance attribute the user set).
 
     Entering and leaving are C-level ``map`` calls over the dicts: a step enters two of these over every
-    training-mode BatchNorm layer.
+    training-mode BatchNorm layer. Each is kept in its layer plan and entered again at every step; it cannot
+    be entered again before it is left.
     """
 
     __slots__ = ("_dicts", "_name", "_values", "_saved")
@@ -268,12 +296,15 @@ class _InstanceAttrs:
         self._saved: list[Any] = []
 
     def __enter__(self) -> None:
+        if self._saved:
+            raise RuntimeError(f"the BatchNorm context setting {self._name!r} is already entered; it cannot be nested")
         names = itertools.repeat(self._name)
         self._saved = list(map(dict.get, self._dicts, names, itertools.repeat(_MISSING)))
         _consume(map(operator.setitem, self._dicts, names, self._values))
 
     def __exit__(self, *exc: object) -> None:
         name, saved = self._name, self._saved
+        self._saved = []
         missing = sum(map(operator.is_, saved, itertools.repeat(_MISSING)))
         if missing == 0:  # the modules' own values (such as track_running_stats), written back
             _consume(map(operator.setitem, self._dicts, itertools.repeat(name), saved))

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["FusedSGDPlan", "plan_fused_sgd", "fused_sgd_applies", "kept_plan"]
 
 _momentum_buffer = operator.itemgetter("momentum_buffer")
+_PARAMS = operator.itemgetter("params")
 
 FusedSGDPlan = list[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], dict[str, Any]]]
 """Per param group with gradients: (params, backups, grads, momentum buffers, the group)."""
@@ -155,8 +156,8 @@ class _KeptPlan:
         if opt.base_optimizer.state is not self.state:
             return False
         # The groups are the same size as when planned.
-        if sum(len(g["params"]) for g in opt.param_groups) != self.total or any(
-                p.grad is not None for p in self.others):
+        if sum(map(len, map(_PARAMS, opt.param_groups))) != self.total or (
+                self.others and any(p.grad is not None for p in self.others)):
             return False
         state = self.state
         if len(state) != len(self.entries) or not all(map(operator.is_, state.values(), self.entries)):

@@ -36,11 +36,11 @@ from .distributed import local_tensor, make_grad_sync
 from .fused_sgd import FusedSGDPlan, apply_fused_sgd, kept_plan, plan_fused_sgd, plan_grads
 from .grad_mode import without_grad
 from .hooks import HookHandle, StepHooks
-from .labels import check_targets
+from .labels import check_targets, class_index
 from .masked_step import masked_base_step, nonfinite_flag, norms_finite, restore_where
 from .options import check_adaptive, check_max_grad_norm, check_micro_batches, check_rho, class_weights_from
 from .param_buckets import ParamBuckets, all_params, clear_grads, grads_in, params_with_grad, set_grads
-from .priors import ClassWeights, sample_weights
+from .priors import ClassWeights
 from .scaling import ScaledStep, check_scaler
 from .schedules import StepLosses, StepRun, check_index_closure, make_schedule
 from .torch_step_hooks import CAN_SKIP_WRAPPER, keep_unwrapped, torch_step_hooks_active, with_torch_step_hooks
@@ -239,7 +239,7 @@ class ImbSAM(Optimizer):
 
     def _set_class_weights(self, weights: Optional[ClassWeights]) -> None:
         self.class_weights = weights
-        self._weights_on: dict[tuple[torch.device, int], tuple[ClassWeights, Tensor]] = {}
+        self._weights_on: dict[tuple[torch.device, int], tuple[int, Tensor]] = {}
         # Presets with no head part (SAM) or no tail part (plain training) skip the passes they do not need.
         self._has_head = weights is None or bool((weights.head != 0).any())
         self._has_tail = weights is None or bool((weights.tail != 0).any())
@@ -307,6 +307,7 @@ class ImbSAM(Optimizer):
     # ------------------------------------------------------------------ phases
 
     def _require(self, phase: str, caller: str) -> None:
+        """``RuntimeError`` unless the optimizer is in ``phase`` (the phases check ``_phase`` first, inline)."""
         if self._phase != phase:
             order = "first_step() -> second_step() -> third_step()"
             raise RuntimeError(
@@ -316,7 +317,8 @@ class ImbSAM(Optimizer):
 
     def first_step(self) -> None:
         """After the head backward: move each ``.grad`` aside (no copy) as ``g_h``."""
-        self._require(_IDLE, "first_step")
+        if self._phase != _IDLE:
+            self._require(_IDLE, "first_step")
         book = self._book
         if book is not None and not torch.compiler.is_compiling() and book.take(self.param_groups, self._buckets):
             self._phase = _STASHED
@@ -334,7 +336,8 @@ class ImbSAM(Optimizer):
         FSDP2); adaptive groups take ASAM's ``e`` (see ``adaptive``). The head
         gradient is put back as ``.grad`` so the perturbed backward accumulates onto it.
         """
-        self._require(_STASHED, "second_step")
+        if self._phase != _STASHED:
+            self._require(_STASHED, "second_step")
         book = self._book
         if book is not None and book.holding:
             ascended = book.ascend(self.param_groups, self._buckets)
@@ -362,7 +365,8 @@ class ImbSAM(Optimizer):
         With a plain ``torch.optim.SGD`` base and the C++ extension's backend, the restore and
         SGD's update run as one pass (:mod:`imbsam_fast.fused_sgd`), with the same result.
         """
-        self._require(_PERTURBED, "third_step")
+        if self._phase != _PERTURBED:
+            self._require(_PERTURBED, "third_step")
         perturbed, self._perturbed = self._perturbed, []
         self._phase = _IDLE
         ascended, self._book_ascended = self._book_ascended, False
@@ -601,7 +605,8 @@ class ImbSAM(Optimizer):
             )
         if self.class_weights is None:
             raise ValueError("ImbSAM.step(closure, targets) needs tail_mask= or class_weights= at construction")
-        self._require(_IDLE, "step")
+        if self._phase != _IDLE:
+            self._require(_IDLE, "step")
         check_targets(targets)
         micro_batches = check_micro_batches(micro_batches)
         closure, after_closure = split_wrapped_closure(closure)
@@ -643,9 +648,11 @@ class ImbSAM(Optimizer):
         on_device = self._weights_on.get(key)
         if on_device is None:
             weights = self.class_weights.to(targets.device)
-            on_device = self._weights_on[key] = (weights, weights.table() / key[1])
-        return sample_weights(on_device[0], targets, self.ignore_index, self._weights_source, table=on_device[1],
-                              device_check=self.capturable)
+            on_device = self._weights_on[key] = (weights.num_classes, weights.table() / key[1])
+        # sample_weights(...) without its check of the targets, which step() has made.
+        rows = on_device[1][class_index(targets, on_device[0], self.ignore_index, self._weights_source,
+                                        self.capturable)]
+        return rows[:, 0], rows[:, 1]
 
     @torch.no_grad()
     def _abort(self) -> None:

@@ -546,3 +546,65 @@ def test_the_variance_factors_kept_per_input_shape_stay_few():
         ref_var, _ = torch.var_mean(h.detach(), dim=[0, 2, 3], correction=0)
         torch.testing.assert_close(stats._stats[model[1]][0][1], ref_var, rtol=1e-4, atol=1e-5)
         assert len(stats._flat._factors) <= 8
+
+
+@pytest.mark.parametrize("backend", ["torch", "ext"])
+def test_a_plain_run_takes_the_same_steps_as_the_general_passes(backend, monkeypatch):
+    """With one micro-batch, no hooks and no sync, each pass is forward, dot, backward (StepRun.plain). A
+    do-nothing step hook sends the same steps through the general passes (chunks, contexts, hooks): both
+    trajectories must agree bit for bit on a BatchNorm model, with batches with and without tail samples, and
+    the plain run must not call the general passes' parts."""
+    from imbsam_fast.backends.extension import ext_available
+    from imbsam_fast.hooks import StepHooks
+    from imbsam_fast.schedules.base import StepRun
+
+    if backend == "ext" and not ext_available():
+        pytest.skip("the C++ extension is not built")
+
+    def run(general):
+        torch.manual_seed(0)
+        model = small_cnn(10)
+        opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model,
+                     backend=backend, **KW)
+        if general:
+            opt.register_step_hooks(StepHooks())
+        for i, (x, y) in enumerate(image_batches(6)):
+            if i % 3:
+                y[i] = 9
+            else:
+                y = y % 7
+            opt.step(_closure(model, x, y), y)
+        return model
+
+    general = run(True)
+    monkeypatch.setattr(StepRun, "chunks", lambda *a: pytest.fail("a plain run cut its pass into chunks"))
+    monkeypatch.setattr(StepRun, "finish", lambda *a: pytest.fail("a plain run ran the after-backward hooks"))
+    plain = run(False)
+    for a, b in zip(plain.state_dict().values(), general.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_the_kept_batchnorm_contexts_refuse_to_be_nested_and_are_left_clean():
+    """record() and replay() hand out one kept context each (no object made a step): entering one again before
+    it is left is an error that changes nothing, and after leaving, it works again. (Within a freeze the layers
+    track no running statistics, so a second freeze_running_stats() has nothing to freeze.)"""
+    torch.manual_seed(0)
+    model = small_cnn(10)
+    stats = BatchNormStats(model)
+    x = image_batches(1)[0][0]
+    with stats.record():
+        model(x)
+        with pytest.raises(RuntimeError, match="nested"):
+            stats.record().__enter__()
+    with stats.replay():
+        with pytest.raises(RuntimeError, match="nested"):
+            stats.replay().__enter__()
+        model(x[:2])
+    with stats.freeze_running_stats(), stats.freeze_running_stats():
+        model(x)
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert layers and all(m.track_running_stats and "forward" not in m.__dict__ for m in layers)
+    assert all(not m._forward_pre_hooks for m in layers)
+    with stats.record():
+        model(x)
+    assert len(stats._stats) == len(layers)

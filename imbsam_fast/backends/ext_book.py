@@ -155,10 +155,16 @@ class ExtBook:
     def restore_sgd(self, kept: _KeptPlan) -> None:
         """``w <- backup`` and SGD's update with each group's options now; ``NotImplementedError`` (nothing written)
         when the book refuses."""
-        groups = [e[4] for e in kept.plan]
-        self._book.restore_sgd([float(g["lr"]) for g in groups], [float(g["momentum"]) for g in groups],
-                               [float(g["dampening"]) for g in groups], [float(g["weight_decay"]) for g in groups],
-                               [bool(g["nesterov"]) for g in groups], [bool(g["maximize"]) for g in groups], None)
+        lr, momentum, dampening, weight_decay, nesterov, maximize = [], [], [], [], [], []
+        for entry in kept.plan:
+            g = entry[4]
+            lr.append(float(g["lr"]))
+            momentum.append(float(g["momentum"]))
+            dampening.append(float(g["dampening"]))
+            weight_decay.append(float(g["weight_decay"]))
+            nesterov.append(bool(g["nesterov"]))
+            maximize.append(bool(g["maximize"]))
+        self._book.restore_sgd(lr, momentum, dampening, weight_decay, nesterov, maximize, None)
 
     def clear(self) -> None:
         """``p.grad = None`` for every parameter."""

@@ -51,9 +51,15 @@ class StepRun:
     once per pass. ``sync`` (:mod:`imbsam_fast.distributed`) decides which
     passes synchronize gradients across processes: only the last chunk of the
     pass marked ``sync=True``.
+
+    A run with one micro-batch, no hooks and no synchronization (``plain``)
+    takes each pass in three calls (forward, dot, backward) and skips the
+    chunks, the sync contexts and the hook loops, with the same result: the
+    step's own Python is what the user pays between the passes
+    (``benchmarks/RESULTS.md``, thirteenth session).
     """
 
-    __slots__ = ("opt", "closure", "batch", "hooks", "sync", "micro_batches")
+    __slots__ = ("opt", "closure", "batch", "hooks", "sync", "micro_batches", "plain")
 
     def __init__(self, opt: ImbSAM, closure: Callable[..., Tensor], batch: int, hooks: list[Any],
                  sync: GradSync, micro_batches: int = 1) -> None:
@@ -63,6 +69,7 @@ class StepRun:
         self.hooks = hooks
         self.sync = sync
         self.micro_batches = micro_batches
+        self.plain = micro_batches == 1 and not hooks and sync.kind == "none"
 
     def forward(self, index: Optional[Tensor] = None) -> Tensor:
         """Per-sample losses of the closure: ``closure()`` for the batch, ``closure(index)`` for a subset."""
@@ -111,6 +118,12 @@ class StepRun:
                   context: Callable[[], ContextManager[Any]] = nullcontext) -> tuple[Tensor, Tensor]:
         """Forward the batch and backward ``sum_i w_i l_i / B``; returns the per-sample losses and that loss,
         detached."""
+        if self.plain and context is nullcontext:
+            losses = self.forward(None)
+            loss = weighted_sum(losses, weights, 1)
+            if backward:
+                loss.backward()
+            return losses.detach(), loss.detach()
         chunks = self.chunks(None, weights.device)
         losses, total = [], []
         for i, chunk in enumerate(chunks):
@@ -166,6 +179,17 @@ class StepRun:
                   context: Callable[[], ContextManager[Any]] = nullcontext, *, sync: bool = False) -> Tensor:
         """Forward ``closure(index)`` and backward ``sum_i w_i l_i / B`` (``weights`` of the whole batch)
         within ``context()``; returns the loss, detached."""
+        if self.plain:
+            if index is not None:
+                weights = weights[index]
+            if context is nullcontext:
+                loss = weighted_sum(self.forward(index), weights, 1)
+                loss.backward()
+            else:
+                with context():
+                    loss = weighted_sum(self.forward(index), weights, 1)
+                    loss.backward()
+            return loss.detach()
         chunks = self.chunks(index, weights.device)
         total = []
         for i, chunk in enumerate(chunks):

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from ..batchnorm import BatchNormStats
 from ..hooks import ASCENT, HEAD, PERTURBED
+from ..losses import weighted_sum
 from .base import StepLosses, StepRun
 
 __all__ = ["FastSchedule", "FAST_BN", "fixed_tail_index"]
@@ -96,16 +97,22 @@ class FastSchedule:
         # host sync per step when the targets live on an accelerator (none on the CPU).
         index = torch.nonzero(tail_w).squeeze(1) if has_tail else tail_w.new_zeros(0, dtype=torch.long)
         n_local = index.shape[0]
-        n_tail = self._global_count(run, n_local, tail_w.device) if has_tail else 0
+        if not has_tail:
+            n_tail = 0
+        elif run.sync.kind == "none":
+            n_tail = n_local
+        else:
+            n_tail = self._global_count(run, n_local, tail_w.device)
         bn = n_tail > 0 and self._bn.active()
         replay_at_w = bn and self.fast_bn == "replay-ghost" and run.micro_batches == 1
         with self._bn.record() if replay_at_w else nullcontext():
             losses, head = run.full_pass(head_w, HEAD, sync=n_tail == 0, backward=has_head or n_tail == 0)
-        tail = run.loss(losses, tail_w)
+        tail = weighted_sum(losses, tail_w, 1)
         if n_tail == 0:
             run.plain_step()
             return StepLosses(head, tail, torch.zeros_like(tail), losses)
-        run.stash()
+        opt = run.opt  # its phases called directly (run.stash / ascend / descend, one call less each)
+        opt.first_step()
         ghosts = self._with_ghosts(index, tail_w, n_local) if bn else index
         if n_local == 0:
             # Tail samples elsewhere in the global batch: this process runs the same passes with zero weight.
@@ -116,9 +123,9 @@ class FastSchedule:
             run.tail_pass(index, tail_w, ASCENT, self._bn.replay)
         else:
             run.tail_pass(ghosts, tail_w, ASCENT, frozen)
-        run.ascend()
+        opt.second_step()
         tail2 = run.tail_pass(ghosts, tail_w, PERTURBED, frozen, sync=True)
-        run.descend()
+        opt.third_step()
         return StepLosses(head, tail, tail2, losses)
 
     def _run_fixed(self, run: StepRun, head_w: Tensor, tail_w: Tensor, has_head: bool) -> StepLosses:
