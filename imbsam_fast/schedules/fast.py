@@ -146,9 +146,8 @@ class FastSchedule:
 
     @staticmethod
     def _global_count(run: StepRun, n_local: int, device: torch.device) -> int:
-        """The tail count of the whole batch over processes: every process decides the same passes."""
-        if run.sync.kind == "none":
-            return n_local
+        """The tail count of the whole batch over processes (``_run`` takes ``n_local`` itself for a single
+        process): every process decides the same passes."""
         # One all-reduce and one read per step: the passes (and so the collectives) depend on it.
         return int(run.sync.global_count(torch.tensor(n_local, device=device)))
 
