@@ -20,8 +20,13 @@ few zero-weight head samples) under :meth:`BatchNormStats.freeze_running_stats`,
 so that its gradient flows through real batch statistics.
 
 One mechanism covers BatchNorm1d/2d/3d, SyncBatchNorm and every other
-subclass of ``torch.nn.modules.batchnorm._BatchNorm``. Layers in eval mode
-use their running statistics as usual and are left alone. A layer called
+subclass of ``torch.nn.modules.batchnorm._BatchNorm``: each training-mode
+layer's ``forward`` is, while a context is entered, a switching forward (an
+instance attribute) that records, replays, freezes or just calls the layer's
+own forward, by one mode shared by all layers. Changing contexts sets that
+mode, so a fast step walks the layers twice (one install, one removal, see
+:meth:`BatchNormStats.pin_plan`) instead of twice per context. Layers in eval
+mode use their running statistics as usual and are left alone. A layer called
 several times in one forward gets its recorded statistics back in call order
 (cycling, so that activation checkpointing's recomputation in the backward
 sees them again).
@@ -44,16 +49,14 @@ from .grad_mode import without_grad
 
 __all__ = ["BatchNormStats", "BatchNormSnapshot", "batchnorm_layers"]
 
-_RECORD_HOOK = -1_000_003
-"""The key of :meth:`BatchNormStats.record`'s forward pre-hook (negative: never a handle id torch hands out)."""
+_NORMAL, _RECORD, _REPLAY, _FREEZE = 0, 1, 2, 3
+"""The modes of the switching forwards (:class:`_Switch`)."""
 _MISSING = object()
 _BUFFERS = operator.attrgetter("_buffers")
 _RUNNING_MEAN = operator.itemgetter("running_mean")
 _RUNNING_VAR = operator.itemgetter("running_var")
 _MOMENTUM = operator.attrgetter("momentum")
 _MODE = operator.attrgetter("training", "momentum", "track_running_stats")
-_PRE_HOOKS = operator.attrgetter("_forward_pre_hooks")
-_POP_RECORD_HOOK = operator.methodcaller("pop", _RECORD_HOOK, None)
 _NOT_NONE = functools.partial(operator.is_not, None)
 _consume: Callable[[Iterator[Any]], None] = collections.deque(maxlen=0).extend
 """Run an iterator to its end, keeping nothing (a bound C method: no frame, no deque made per call)."""
@@ -74,8 +77,7 @@ class BatchNormStats:
         self._per_call: set[_BatchNorm] = set()
         self._flat = _FlatStats()
         self._plan_key: Any = None
-        self._plan = _LayerPlan([], [], [], _InstanceAttrs([], "forward", []),
-                                _InstanceAttrs([], "track_running_stats", []))
+        self._plan = _LayerPlan([], [], [], [], [])
         self._bound: Optional[list[list[tuple[Tensor, Tensor]]]] = None
         """The flat solve's per-layer views last put in ``_stats`` for the current plan (``None``: not all there)."""
         self._recorded_plan: Optional[_LayerPlan] = None
@@ -83,7 +85,10 @@ class BatchNormStats:
         self._pinned: Optional[_LayerPlan] = None
         self._replay_calls: dict[_BatchNorm, int] = {}
         self._snapshot_copy = _ReusedCopy()
+        self._switch = _Switch()
         self._recording = _Recording(self)
+        self._replaying = _ModeContext(self, _REPLAY, "replay()", nestable=False)
+        self._freezing = _ModeContext(self, _FREEZE, "freeze_running_stats()", nestable=True)
 
     def active(self) -> bool:
         """Whether any BatchNorm layer is in training mode (eval-mode layers need no handling)."""
@@ -94,13 +99,16 @@ class BatchNormStats:
     def pin_plan(self) -> None:
         """Until :meth:`unpin_plan`, read the layers' modes once, at the first context that needs them: a step's
         record, replay and freeze then share one plan instead of reading 31 layers' modes each (the modes cannot
-        change between a step's passes unless the user's closure changes them mid-step). A step that needs no
-        context reads nothing."""
+        change between a step's passes unless the user's closure changes them mid-step), and the switching
+        forwards installed by the first context stay until :meth:`unpin_plan` removes them. A step that needs
+        no context reads and writes nothing."""
         self._pinning, self._pinned = True, None
 
     def unpin_plan(self) -> None:
-        """Back to reading the layers' modes at every context."""
+        """Back to reading the layers' modes at every context; the switching forwards removed."""
         self._pinning, self._pinned = False, None
+        if self._switch.installed and not self._switch.entered:
+            self._switch.remove()
 
     def buffers(self) -> list[Tensor]:
         """The running statistics and batch counters of every layer (the tensors a forward may update)."""
@@ -140,14 +148,13 @@ class BatchNormStats:
         if self._plan_key != key:
             training = [m for m in self.layers if m.training]
             solved = [m for m in training if _derivable(m) and m not in self._per_call]
-            frozen = [m for m in training if m.track_running_stats]
             self._plan = _LayerPlan(
                 training,
                 solved,
                 [m for m in training if m not in solved],
-                _InstanceAttrs([m.__dict__ for m in training], "forward",
-                               [_replaying_forward(m, self._stats, self._replay_calls) for m in training]),
-                _InstanceAttrs([m.__dict__ for m in frozen], "track_running_stats", [False] * len(frozen)),
+                [m.__dict__ for m in training],
+                [_switching_forward(m, self._switch, self._stats, self._replay_calls, self._recording)
+                 for m in training],
             )
             self._plan_key = key
             self._bound = None
@@ -155,9 +162,9 @@ class BatchNormStats:
             self._pinned = self._plan
         return self._plan
 
-    def replay(self) -> _InstanceAttrs:
+    def replay(self) -> _ModeContext:
         """Within: training-mode layers normalize with the recorded statistics and update nothing."""
-        plan = self._pinned if self._pinned is not None else self._layer_plan()
+        plan = self._current_plan()
         # Under the plan of the record, its entries are some of plan.training's: as many means all of them.
         if self._recorded_plan is not plan or len(self._stats) != len(plan.training):
             unrecorded = [m for m in plan.training if not self._stats.get(m)]
@@ -167,20 +174,47 @@ class BatchNormStats:
                     "forward; fast mode needs the same layers to run in both"
                 )
         self._replay_calls.clear()
-        return plan.replaying
+        return self._replaying
 
-    def freeze_running_stats(self) -> _InstanceAttrs:
-        """Within: training-mode layers use batch statistics but leave running statistics (and their count) alone."""
-        plan = self._pinned if self._pinned is not None else self._layer_plan()
-        return plan.freezing
+    def freeze_running_stats(self) -> _ModeContext:
+        """Within: training-mode layers use batch statistics but leave running statistics (and their count) alone:
+        each tracking layer's forward runs with ``track_running_stats = False``."""
+        return self._freezing
+
+    def _current_plan(self) -> _LayerPlan:
+        """The plan the switching forwards were installed with while they are, else the pinned or current one."""
+        if self._switch.installed:
+            return self._switch.plan
+        return self._pinned if self._pinned is not None else self._layer_plan()
+
+    def _enter(self, mode: int) -> tuple[int, bool]:
+        """Set the switching forwards' ``mode``, installing them first where they are not; returns what
+        :meth:`_leave` needs to undo it."""
+        switch = self._switch
+        installed = not switch.installed
+        if installed:
+            switch.install(self._pinned if self._pinned is not None else self._layer_plan())
+        previous, switch.mode = switch.mode, mode
+        switch.entered += 1
+        return previous, installed
+
+    def _leave(self, token: tuple[int, bool]) -> None:
+        """Undo :meth:`_enter`: the mode before it, and the forwards removed if it installed them, unless a pinned
+        step keeps them for its next context (:meth:`unpin_plan` removes them)."""
+        switch = self._switch
+        switch.mode = token[0]
+        switch.entered -= 1
+        if token[1] and not self._pinning:
+            switch.remove()
 
 
 class _Recording:
     """:meth:`BatchNormStats.record`'s context, one kept per :class:`BatchNormStats`: a step records with three
     Python calls (``record``, ``__enter__``, ``__exit__``), no generator and no context object made. It cannot
-    be entered again before it is left."""
+    be entered again before it is left. Within it the switching forwards call :meth:`observe` before each
+    training-mode layer's own forward."""
 
-    __slots__ = ("_bn", "_flat", "_order", "_solved", "_calls", "_sizes", "_hooks", "_active")
+    __slots__ = ("_bn", "_flat", "_order", "_solved", "_calls", "_sizes", "_token", "_active")
 
     def __init__(self, bn: BatchNormStats) -> None:
         self._bn = bn
@@ -189,14 +223,14 @@ class _Recording:
         self._solved: set[_BatchNorm] = set()
         self._calls: dict[_BatchNorm, int] = {}
         self._sizes: dict[_BatchNorm, int] = {}
-        self._hooks: list[dict[int, Any]] = []
+        self._token: tuple[int, bool] = (_NORMAL, False)
         self._active = False
 
     def __enter__(self) -> None:
         if self._active:
             raise RuntimeError("BatchNormStats.record() is already recording; it cannot be nested")
         bn = self._bn
-        plan = bn._pinned if bn._pinned is not None else bn._layer_plan()
+        plan = bn._current_plan()
         order = plan.solved
         stats = bn._stats  # changed in place: the replaying forwards read this dict
         flat = bn._flat.gather(order) if order else None
@@ -212,12 +246,12 @@ class _Recording:
         self._flat, self._order = flat, order
         self._solved = set(order) if flat is not None else set()
         self._calls, self._sizes = {}, {}
-        # One dict entry per layer instead of register_forward_pre_hook's handle objects (this runs every step).
-        self._hooks = hooks = list(map(_PRE_HOOKS, plan.training))
-        _consume(map(operator.setitem, hooks, itertools.repeat(_RECORD_HOOK), itertools.repeat(self._pre_hook)))
+        self._token = bn._enter(_RECORD)
         self._active = True
 
-    def _pre_hook(self, module: _BatchNorm, args: tuple[Tensor, ...]) -> None:
+    def observe(self, module: _BatchNorm, args: tuple[Any, ...]) -> None:
+        """``module`` is called on ``args`` in the recorded forward: note its input size (a solved layer's first
+        call) or compute its batch statistics."""
         if not module.training:
             return
         calls = self._calls
@@ -238,8 +272,8 @@ class _Recording:
         self._bn._stats.setdefault(module, []).append((mean, var))
 
     def __exit__(self, exc_type: Optional[type], *rest: object) -> None:
-        hooks, self._hooks, self._active = self._hooks, [], False
-        _consume(map(_POP_RECORD_HOOK, hooks))
+        self._active = False
+        self._bn._leave(self._token)
         flat, order, solved, sizes, bn = self._flat, self._order, self._solved, self._sizes, self._bn
         self._flat = None
         if exc_type is not None:
@@ -269,54 +303,76 @@ class _LayerPlan(NamedTuple):
     """Training-mode layers whose batch statistics :meth:`BatchNormStats.record` solves from running statistics."""
     computed: list[_BatchNorm]
     """The other training-mode layers: their statistics are computed from the input at every call."""
-    replaying: _InstanceAttrs
-    """:meth:`BatchNormStats.replay`'s context: each training-mode layer's ``forward`` is its forward on the
-    recorded statistics."""
-    freezing: _InstanceAttrs
-    """:meth:`BatchNormStats.freeze_running_stats`'s context: ``track_running_stats = False`` on the
-    training-mode layers that track running statistics."""
+    dicts: list[dict[str, Any]]
+    """The training-mode layers' instance dicts, where the switching forwards go."""
+    forwards: list[Callable[..., Any]]
+    """Each training-mode layer's switching forward (:func:`_switching_forward`)."""
 
 
-class _InstanceAttrs:
-    """A context manager: within it, ``module.<name> = value`` for each module, as a plain attribute written to
-    the module's instance dict (``dicts``, which skips ``nn.Module.__setattr__``); after it, what each module
-    had there before (nothing, its own value, or an instance attribute the user set).
+class _Switch:
+    """The switching forwards of one :class:`BatchNormStats`: while installed, ``module.forward`` of each
+    training-mode layer of ``plan`` is its switching forward (an entry of the module's instance dict, which
+    skips ``nn.Module.__setattr__``), and ``mode`` says what they do. What an instance had as ``forward``
+    before (an attribute the user set) is what the switching forward calls as the layer's own forward, and is
+    put back by :meth:`remove`.
 
-    Entering and leaving are C-level ``map`` calls over the dicts: a step enters two of these over every
-    training-mode BatchNorm layer. Each is kept in its layer plan and entered again at every step; it cannot
-    be entered again before it is left.
+    Installing and removing are C-level ``map`` calls over the instance dicts; in between, a context is one
+    attribute write. A fast step on a ResNet-32 then touches its 31 layers' dicts twice instead of eight
+    times, each time with the caches cold from a forward or a backward (``benchmarks/RESULTS.md``, fourteenth
+    session).
     """
 
-    __slots__ = ("_dicts", "_name", "_values", "_saved")
+    __slots__ = ("mode", "installed", "entered", "plan", "own")
 
-    def __init__(self, dicts: list[dict[str, Any]], name: str, values: list[Any]) -> None:
-        self._dicts = dicts
+    def __init__(self) -> None:
+        self.mode = _NORMAL
+        self.installed = False
+        self.entered = 0
+        """How many contexts are entered (the forwards stay while one is)."""
+        self.plan: Optional[_LayerPlan] = None
+        self.own: dict[_BatchNorm, Any] = {}
+        """The instance-level ``forward`` a layer had before :meth:`install` (most have none)."""
+
+    def install(self, plan: _LayerPlan) -> None:
+        names = itertools.repeat("forward")
+        saved = list(map(dict.get, plan.dicts, names, itertools.repeat(_MISSING)))
+        self.own = {} if saved.count(_MISSING) == len(saved) else {
+            m: f for m, f in zip(plan.training, saved) if f is not _MISSING}
+        _consume(map(operator.setitem, plan.dicts, names, plan.forwards))
+        self.plan, self.installed, self.mode = plan, True, _NORMAL
+
+    def remove(self) -> None:
+        plan, own = self.plan, self.own
+        assert plan is not None
+        _consume(map(dict.pop, plan.dicts, itertools.repeat("forward"), itertools.repeat(None)))
+        if own:
+            for m, d in zip(plan.training, plan.dicts):
+                if m in own:
+                    d["forward"] = own[m]
+        self.plan, self.own, self.installed, self.mode = None, {}, False, _NORMAL
+
+
+class _ModeContext:
+    """:meth:`BatchNormStats.replay`'s or :meth:`BatchNormStats.freeze_running_stats`'s context, one kept per
+    :class:`BatchNormStats`: entering sets the switching forwards' mode (installing them where they are not),
+    leaving puts the previous mode back. Unless ``nestable``, it cannot be entered again before it is left."""
+
+    __slots__ = ("_bn", "_mode", "_name", "_nestable", "_tokens")
+
+    def __init__(self, bn: BatchNormStats, mode: int, name: str, nestable: bool) -> None:
+        self._bn = bn
+        self._mode = mode
         self._name = name
-        self._values = values
-        self._saved: list[Any] = []
+        self._nestable = nestable
+        self._tokens: list[tuple[int, bool]] = []
 
     def __enter__(self) -> None:
-        if self._saved:
-            raise RuntimeError(f"the BatchNorm context setting {self._name!r} is already entered; it cannot be nested")
-        names = itertools.repeat(self._name)
-        self._saved = list(map(dict.get, self._dicts, names, itertools.repeat(_MISSING)))
-        _consume(map(operator.setitem, self._dicts, names, self._values))
+        if self._tokens and not self._nestable:
+            raise RuntimeError(f"BatchNormStats.{self._name} is already entered; it cannot be nested")
+        self._tokens.append(self._bn._enter(self._mode))
 
     def __exit__(self, *exc: object) -> None:
-        name, saved = self._name, self._saved
-        self._saved = []
-        missing = sum(map(operator.is_, saved, itertools.repeat(_MISSING)))
-        if missing == 0:  # the modules' own values (such as track_running_stats), written back
-            _consume(map(operator.setitem, self._dicts, itertools.repeat(name), saved))
-            return
-        if missing == len(saved):
-            _consume(map(dict.pop, self._dicts, itertools.repeat(name), itertools.repeat(None)))
-            return
-        for d, old in zip(self._dicts, saved):
-            if old is _MISSING:
-                d.pop(name, None)
-            else:
-                d[name] = old
+        self._bn._leave(self._tokens.pop())
 
 
 class _ReusedCopy:
@@ -498,17 +554,53 @@ def _running(module: _BatchNorm) -> tuple[Tensor, Tensor]:
     return buffers.get("running_mean"), buffers.get("running_var")  # type: ignore[return-value]
 
 
-def _replaying_forward(module: _BatchNorm, stats: dict[_BatchNorm, list[tuple[Tensor, Tensor]]],
-                       calls: dict[_BatchNorm, int]) -> Callable[[Tensor], Tensor]:
-    """``module``'s forward on its recorded statistics ``stats[module]``, in call order (cycling; ``calls``
-    counts this replay's calls and is cleared at each :meth:`BatchNormStats.replay`)."""
+def _switching_forward(module: _BatchNorm, switch: _Switch, stats: dict[_BatchNorm, list[tuple[Tensor, Tensor]]],
+                       calls: dict[_BatchNorm, int], recording: _Recording) -> Callable[..., Any]:
+    """``module``'s forward while the switch is installed, by ``switch.mode``:
 
-    def forward(x: Tensor) -> Tensor:
-        module._check_input_dim(x)
-        recorded = stats[module]
-        k = calls.get(module, 0)
-        calls[module] = k + 1
-        mean, var = recorded[k % len(recorded)]
-        return F.batch_norm(x, mean, var, module.weight, module.bias, training=False, momentum=0.0, eps=module.eps)
+    * replay: ``(x - mu) / sqrt(var + eps) * gamma + beta`` on its recorded statistics ``stats[module]``, in
+      call order (cycling; ``calls`` counts this replay's calls and is cleared at each
+      :meth:`BatchNormStats.replay`), and no running statistics updated;
+    * freeze: its own forward with ``track_running_stats = False`` for the call (batch statistics, running
+      statistics and their count left alone): ``F.batch_norm`` on no running statistics for BatchNorm's own
+      forward, the attribute set for the call for any other;
+    * record: its own forward, after :meth:`_Recording.observe` has seen the input;
+    * otherwise its own forward.
+
+    Its own forward is the instance attribute it had before the switch (``switch.own``), else its class's.
+    """
+    own_forward = type(module).forward
+    standard = own_forward is _BatchNorm.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        mode = switch.mode
+        if mode == _REPLAY:
+            x = args[0]
+            module._check_input_dim(x)
+            recorded = stats[module]
+            k = calls.get(module, 0)
+            calls[module] = k + 1
+            mean, var = recorded[k % len(recorded)]
+            return F.batch_norm(x, mean, var, module.weight, module.bias, training=False, momentum=0.0,
+                                eps=module.eps)
+        if mode == _RECORD:
+            recording.observe(module, args)
+        patched = switch.own.get(module)
+        tracking = mode == _FREEZE and module.training and module.track_running_stats
+        if tracking:
+            if patched is None and standard:
+                # _BatchNorm.forward with track_running_stats = False, which passes no running statistics.
+                x = args[0]
+                module._check_input_dim(x)
+                return F.batch_norm(x, None, None, module.weight, module.bias, True,
+                                    0.0 if module.momentum is None else module.momentum, module.eps)
+            # Another forward (SyncBatchNorm's, a subclass's, the user's): it reads the attribute itself.
+            # nn.Module.__setattr__, which torch.compile traces as a module mutation.
+            module.track_running_stats = False
+            try:
+                return own_forward(module, *args, **kwargs) if patched is None else patched(*args, **kwargs)
+            finally:
+                module.track_running_stats = tracking
+        return own_forward(module, *args, **kwargs) if patched is None else patched(*args, **kwargs)
 
     return forward

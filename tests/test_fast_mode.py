@@ -232,7 +232,7 @@ def test_replay_and_freeze_put_back_what_the_instance_had():
     calls = []
 
     def user_forward(x):  # an instance-level patch of the user's (e.g. a wrapper), not BatchNorm's own forward
-        calls.append(x.shape[0])
+        calls.append((x.shape[0], bn.track_running_stats))
         return nn.BatchNorm1d.forward(bn, x)
 
     bn.forward = user_forward
@@ -242,13 +242,15 @@ def test_replay_and_freeze_put_back_what_the_instance_had():
     with stats.record():
         model(torch.randn(8, 4))
     with stats.replay():
-        model(torch.randn(2, 4))
+        model(torch.randn(2, 4))  # replayed: the user's forward is not called
+    buffers = [b.clone() for b in model.buffers()]
     with stats.freeze_running_stats():
-        assert bn.track_running_stats is False and plain.track_running_stats is False
+        model(torch.randn(5, 4))  # the user's forward, with the layer tracking nothing for the call
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
     assert bn.__dict__["forward"] is user_forward and bn.track_running_stats is True
     assert "forward" not in plain.__dict__ and plain.track_running_stats is True
     bn(torch.randn(3, 4))
-    assert calls == [8, 3]
+    assert calls == [(8, True), (5, False), (3, True)]
 
 
 def test_closure_returning_wrong_shape_for_index_restores_weights():
@@ -608,3 +610,125 @@ def test_the_kept_batchnorm_contexts_refuse_to_be_nested_and_are_left_clean():
     with stats.record():
         model(x)
     assert len(stats._stats) == len(layers)
+
+
+def _reference_replay_ghost_step(model, sgd, x, y, tail_index, ghost_index, rho=0.05):
+    """One replay-ghost fast step written out with torch alone: the full forward records each BatchNorm layer's
+    batch statistics (a pre-hook's ``var_mean``); the pass at w on the tail samples normalizes with them (the
+    layer's forward replaced by ``F.batch_norm`` on them); the pass at w + e on tail and ghost samples uses its
+    own batch statistics with ``track_running_stats`` off; then w is restored and SGD steps on g_h + g_t'."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    params = [p for p in model.parameters()]
+    head_w = (~TAIL[y]).float() / len(y)
+    tail_w = TAIL[y].float() * 2.0 / len(y)  # the default tail_weight
+    seen = {}
+
+    def record(module, args):
+        var, mean = torch.var_mean(args[0].detach(), dim=[0, 2, 3], correction=0)
+        seen[module] = (mean, var)
+
+    handles = [m.register_forward_pre_hook(record) for m in layers]
+    torch.dot(head_w, F.cross_entropy(model(x), y, reduction="none")).backward()
+    for h in handles:
+        h.remove()
+    head = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    for m in layers:
+        mean, var = seen[m]
+        m.forward = lambda z, m=m, mean=mean, var=var: F.batch_norm(z, mean, var, m.weight, m.bias, False, 0.0,
+                                                                   m.eps)
+    torch.dot(tail_w[tail_index], F.cross_entropy(model(x[tail_index]), y[tail_index], reduction="none")).backward()
+    for m in layers:
+        del m.forward
+    with torch.no_grad():
+        norm = torch.cat([p.grad.flatten() for p in params]).norm()
+        saved = [p.detach().clone() for p in params]
+        for p in params:
+            p.add_(p.grad, alpha=rho / (norm.item() + 1e-16))
+    model.zero_grad(set_to_none=True)
+    for m in layers:
+        m.track_running_stats = False
+    torch.dot(tail_w[ghost_index],
+              F.cross_entropy(model(x[ghost_index]), y[ghost_index], reduction="none")).backward()
+    for m in layers:
+        m.track_running_stats = True
+    with torch.no_grad():
+        for p, w, g in zip(params, saved, head):
+            p.copy_(w)
+            p.grad += g
+    sgd.step()
+    sgd.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ext"])
+def test_the_default_fast_step_on_batchnorm_is_the_written_out_replay_ghost_step(backend):
+    """Eight replay-ghost steps on a BatchNorm CNN (batches with and without tail samples, one with a tail sample
+    only) against :func:`_reference_replay_ghost_step` on a copy, with the library's own ghost samples: weights
+    and BatchNorm buffers agree to float32 rounding."""
+    from imbsam_fast.backends.extension import ext_available
+
+    if backend == "ext" and not ext_available():
+        pytest.skip("the C++ extension is not built")
+    torch.manual_seed(0)
+    model = small_cnn(10)
+    ref = copy.deepcopy(model)
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, backend=backend,
+                 ghost_batch=3, **KW)
+    sgd = torch.optim.SGD(ref.parameters(), **KW)
+    for i, (x, y) in enumerate(image_batches(8, seed=3)):
+        y = y % 7
+        if i % 4 != 3:
+            y[[i, i + 5][: 1 + i % 2]] = 8 + i % 2
+        calls = []
+        opt.step(_closure(model, x, y, calls), y)
+        if len(calls) == 1:  # no tail sample: the head step alone
+            ((F.cross_entropy(ref(x), y, reduction="none")).sum() / len(y)).backward()
+            sgd.step()
+            sgd.zero_grad(set_to_none=True)
+        else:
+            assert calls[0] is None and len(calls) == 3 and calls[2].numel() == calls[1].numel() + 3
+            _reference_replay_ghost_step(ref, sgd, x, y, calls[1], calls[2])
+        for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+            where = f"step {i}, {name}"
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, where=where: f"{where}: {m}")
+
+
+def test_a_fast_step_installs_the_switching_forwards_once_and_leaves_none(monkeypatch):
+    """A replay-ghost step writes its BatchNorm layers' switching forwards once (before the full forward) and
+    removes them once (after the step), its three contexts only changing their mode; a step whose closure
+    raises in the perturbed pass leaves no forward behind either."""
+    from imbsam_fast.batchnorm import _Switch
+
+    torch.manual_seed(0)
+    model = small_cnn(10)
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    opt = ImbSAM(model.parameters(), torch.optim.SGD, tail_mask=TAIL, mode="fast", model=model, **KW)
+    counts = {"install": 0, "remove": 0}
+    for name in counts:
+        def counted(self, *args, _name=name, _original=getattr(_Switch, name)):
+            counts[_name] += 1
+            return _original(self, *args)
+        monkeypatch.setattr(_Switch, name, counted)
+    batches = image_batches(4)
+    for i, (x, y) in enumerate(batches[:3]):
+        y = y % 7
+        if i != 1:
+            y[i] = 8
+        opt.step(_closure(model, x, y), y)
+        assert all("forward" not in m.__dict__ and m.track_running_stats for m in layers)
+    assert counts == {"install": 2, "remove": 2}  # the batch with no tail sample needs no context
+
+    x, y = batches[3]
+    y[0] = 9
+    calls = []
+    plain = _closure(model, x, y, calls)
+
+    def failing(index=None):
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return plain(index)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(failing, y)
+    assert all("forward" not in m.__dict__ and m.track_running_stats for m in layers)
+    assert counts == {"install": 3, "remove": 3}
