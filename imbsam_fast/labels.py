@@ -13,14 +13,20 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "check_label_dtype", "check_targets", "check_label_flag", "class_index", "label_range_message",
+    "check_label_dtype", "check_targets", "check_label_flag", "class_index", "label_range_message", "weight_rows",
 ]
 
 
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
 def check_label_dtype(targets: Tensor) -> None:
-    """Raise ``ValueError`` unless ``targets`` holds integer class labels."""
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
-        raise ValueError(f"targets must be integer class labels, got {targets.dtype}")
+    """Raise ``ValueError`` unless ``targets`` holds integer class labels of a dtype that indexes (int64, int32)."""
+    dtype = targets.dtype
+    if dtype not in _INDEX_DTYPES:
+        if dtype.is_floating_point or dtype == torch.bool or dtype.is_complex:
+            raise ValueError(f"targets must be integer class labels, got {dtype}")
+        raise ValueError(f"targets must be int64 (or int32) class labels, got {dtype}: convert them with .long()")
 
 
 def check_targets(targets: object) -> Tensor:
@@ -59,9 +65,16 @@ def class_index(targets: Tensor, num_classes: int, ignore_index: int, source: st
     """``targets`` with ``ignore_index`` mapped to ``num_classes`` (a row of zeros in a weight table), every
     other label checked to lie in ``[0, num_classes)``: ``ValueError`` on CPU, a device assert elsewhere
     (and on the CPU too with ``device_check``, which reads no value back in Python)."""
+    cpu = targets.device.type == "cpu" and not device_check
+    if cpu and not 0 <= ignore_index <= num_classes and targets.numel():
+        # CPU tensors: reading the extremes is not a device sync. Labels all in [0, C) hold no ignore_index
+        # (it lies outside), so they are the index as they are: one op instead of three.
+        extremes = torch.aminmax(targets)
+        if 0 <= int(extremes.min) and int(extremes.max) < num_classes:
+            return targets
     ignored = targets == ignore_index
     idx = targets.masked_fill(ignored, num_classes)
-    if targets.device.type == "cpu" and not device_check:
+    if cpu:
         # CPU tensors: reading the extremes is not a device sync, so fail eagerly with a clear message.
         if idx.numel():
             extremes = torch.aminmax(idx)
@@ -85,3 +98,10 @@ def check_label_flag(flag: Tensor, num_classes: int, ignore_index: Optional[int]
             raise ValueError(message)
     else:
         torch._assert_async(flag.reshape(-1)[0] == 0, message)
+
+
+def weight_rows(table: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """``(table[index, 0], table[index, 1])``: each sample's head and tail weight from a ``(C + 1) x 2`` table and
+    :func:`class_index`'s index (one gather, two views)."""
+    head, tail = table.index_select(0, index).unbind(1)
+    return head, tail

@@ -44,8 +44,11 @@ def split_head_tail(
 
 def weighted_sum(losses: torch.Tensor, weights: torch.Tensor, denom: int) -> torch.Tensor:
     """``sum_i w_i l_i / max(denom, 1)``, the weights moved to the losses' device and dtype (no host sync)."""
-    w = weights.to(device=losses.device, dtype=losses.dtype, non_blocking=True)
-    total = torch.dot(w, losses)
+    try:
+        total = torch.dot(weights, losses)
+    except RuntimeError:
+        # Weights of another device or dtype (dot checks both before it computes): moved, and dotted again.
+        total = torch.dot(weights.to(device=losses.device, dtype=losses.dtype, non_blocking=True), losses)
     return total if denom <= 1 else total / denom
 
 

@@ -36,7 +36,7 @@ from .distributed import local_tensor, make_grad_sync
 from .fused_sgd import FusedSGDPlan, apply_fused_sgd, kept_plan, plan_fused_sgd, plan_grads
 from .grad_mode import without_grad
 from .hooks import HookHandle, StepHooks
-from .labels import check_targets, class_index
+from .labels import check_targets, class_index, weight_rows
 from .masked_step import masked_base_step, nonfinite_flag, norms_finite, restore_where
 from .options import check_adaptive, check_max_grad_norm, check_micro_batches, check_rho, class_weights_from
 from .param_buckets import ParamBuckets, all_params, clear_grads, grads_in, params_with_grad, set_grads
@@ -650,9 +650,8 @@ class ImbSAM(Optimizer):
             weights = self.class_weights.to(targets.device)
             on_device = self._weights_on[key] = (weights.num_classes, weights.table() / key[1])
         # sample_weights(...) without its check of the targets, which step() has made.
-        rows = on_device[1][class_index(targets, on_device[0], self.ignore_index, self._weights_source,
-                                        self.capturable)]
-        return rows[:, 0], rows[:, 1]
+        return weight_rows(on_device[1], class_index(targets, on_device[0], self.ignore_index, self._weights_source,
+                                                     self.capturable))
 
     @torch.no_grad()
     def _abort(self) -> None:

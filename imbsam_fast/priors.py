@@ -22,7 +22,7 @@ from typing import Sequence, Union
 
 import torch
 
-from .labels import check_targets, class_index
+from .labels import check_targets, class_index, weight_rows
 
 __all__ = [
     "ClassWeights",
@@ -187,8 +187,7 @@ def sample_weights(
     idx = class_index(targets, weights.num_classes, ignore_index, source, device_check)
     if table is None:
         table = weights.to(targets.device).table()
-    rows = table[idx]
-    return rows[:, 0], rows[:, 1]
+    return weight_rows(table, idx)
 
 
 def _check_num_classes(num_classes: int) -> None:

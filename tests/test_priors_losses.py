@@ -128,6 +128,9 @@ def test_empty_batch_gives_zero_losses():
     ([0, 3, 2], 3, True),        # ignore_index == C
     ([0, 4, 2], 3, False),
     ([-100, -100], -100, True),
+    ([0, 1, 2, 2], -100, True),  # every label in range: the labels index the table as they are
+    ([0, 1, 2], 1, True),        # ignore_index inside [0, C): class 1 ignored
+    ([2, 0], 7, True),
 ])
 def test_sample_weights_label_rule(labels, ignore_index, ok):
     w = ClassWeights(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.0, 4.0]))
@@ -141,3 +144,16 @@ def test_sample_weights_label_rule(labels, ignore_index, ok):
     safe = torch.where(keep, y, 0)
     torch.testing.assert_close(a, torch.where(keep, w.head[safe], 0.0))
     torch.testing.assert_close(b, torch.where(keep, w.tail[safe], 0.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_sample_weights_take_int64_and_int32_labels_and_name_other_widths(dtype):
+    w = ClassWeights(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.0, 4.0]))
+    y = torch.tensor([2, 0, 1], dtype=dtype)
+    if dtype in (torch.int16, torch.uint8):
+        with pytest.raises(ValueError, match=r"int64 \(or int32\) class labels, got torch\.(int16|uint8).*\.long\(\)"):
+            sample_weights(w, y)
+        return
+    a, b = sample_weights(w, y)
+    assert torch.equal(a, torch.tensor([3.0, 1.0, 2.0])) and torch.equal(b, torch.tensor([4.0, 0.5, 0.0]))
+

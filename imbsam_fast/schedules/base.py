@@ -115,20 +115,31 @@ class StepRun:
             h.after_backward(self.opt, phase)
 
     def full_pass(self, weights: Tensor, phase: str, *, sync: bool, backward: bool = True,
-                  context: Callable[[], ContextManager[Any]] = nullcontext) -> tuple[Tensor, Tensor]:
+                  forward_context: Optional[ContextManager[Any]] = None) -> tuple[Tensor, Tensor]:
         """Forward the batch and backward ``sum_i w_i l_i / B``; returns the per-sample losses and that loss,
-        detached."""
-        if self.plain and context is nullcontext:
-            losses = self.forward(None)
+        detached. ``forward_context`` (one micro-batch only) is entered around the forward alone: it is left
+        before the backward."""
+        if self.plain:
+            if forward_context is None:
+                losses = self.forward(None)
+            else:
+                with forward_context:
+                    losses = self.forward(None)
             loss = weighted_sum(losses, weights, 1)
             if backward:
                 loss.backward()
             return losses.detach(), loss.detach()
         chunks = self.chunks(None, weights.device)
+        if forward_context is not None and len(chunks) > 1:
+            raise ValueError("a forward context applies to a pass of one micro-batch")
         losses, total = [], []
         for i, chunk in enumerate(chunks):
-            with context(), self.sync.forward_context(sync and i == len(chunks) - 1):
-                part = self.forward(chunk)
+            with self.sync.forward_context(sync and i == len(chunks) - 1):
+                if forward_context is None:
+                    part = self.forward(chunk)
+                else:
+                    with forward_context:
+                        part = self.forward(chunk)
                 loss = self.loss(part, weights if chunk is None else weights[chunk])
                 if backward:
                     self.backward(loss, phase)
@@ -181,7 +192,7 @@ class StepRun:
         within ``context()``; returns the loss, detached."""
         if self.plain:
             if index is not None:
-                weights = weights[index]
+                weights = weights.index_select(0, index)
             if context is nullcontext:
                 loss = weighted_sum(self.forward(index), weights, 1)
                 loss.backward()

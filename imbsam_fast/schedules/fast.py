@@ -105,8 +105,8 @@ class FastSchedule:
             n_tail = self._global_count(run, n_local, tail_w.device)
         bn = n_tail > 0 and self._bn.active()
         replay_at_w = bn and self.fast_bn == "replay-ghost" and run.micro_batches == 1
-        with self._bn.record() if replay_at_w else nullcontext():
-            losses, head = run.full_pass(head_w, HEAD, sync=n_tail == 0, backward=has_head or n_tail == 0)
+        losses, head = run.full_pass(head_w, HEAD, sync=n_tail == 0, backward=has_head or n_tail == 0,
+                                     forward_context=self._bn.record() if replay_at_w else None)
         tail = weighted_sum(losses, tail_w, 1)
         if n_tail == 0:
             run.plain_step()
@@ -132,8 +132,8 @@ class FastSchedule:
         """Tail passes of exactly ``K = tail_capacity`` samples, chosen on the device (see ``fixed_tail_index``)."""
         bn = self._bn.active()
         replay_at_w = bn and self.fast_bn == "replay-ghost" and run.micro_batches == 1
-        with self._bn.record() if replay_at_w else nullcontext():
-            losses, head = run.full_pass(head_w, HEAD, sync=False, backward=has_head)
+        losses, head = run.full_pass(head_w, HEAD, sync=False, backward=has_head,
+                                     forward_context=self._bn.record() if replay_at_w else None)
         tail = run.loss(losses, tail_w)
         index, weights = fixed_tail_index(tail_w, min(self.tail_capacity, tail_w.numel()))
         run.stash()
@@ -159,11 +159,12 @@ class FastSchedule:
         smallest keys are the tail samples and ``k`` random head samples: no second host sync (``k``
         follows from the tail count already read).
         """
-        k = min(self.ghost_batch, tail_w.numel() - n_tail)
+        batch = tail_w.shape[0]
+        k = min(self.ghost_batch, batch - n_tail)
         if k <= 0:
             return index
-        keys = torch.rand(tail_w.shape, device=tail_w.device).masked_fill_(tail_w != 0, -1.0)
-        return torch.topk(keys, n_tail + k, largest=False).indices.sort().values
+        keys = torch.rand(batch, device=tail_w.device).index_fill_(0, index, -1.0)
+        return torch.topk(keys, n_tail + k, largest=False)[1].sort()[0]
 
 
 def fixed_tail_index(tail_w: Tensor, k: int) -> tuple[Tensor, Tensor]:
