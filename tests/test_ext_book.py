@@ -312,6 +312,33 @@ def test_a_new_param_group_rebuilds_the_book():
     assert ran["ascend"] == 6 and len(got[1]._book._params) == len(list(got[0].parameters())) + 2
 
 
+def test_a_parameter_added_in_place_to_the_one_group_rebuilds_the_book():
+    """The book compares a single group's list of parameters as it is, and keeps a copy: a parameter appended
+    to that list in place is seen at the next step, and the trajectory is the Python phases'."""
+    def run(book):
+        model, opt, ran = _run("fast", book=book, steps=3, groups=False)
+        spare = torch.nn.Linear(8, 10)
+        opt.param_groups[0]["params"].extend(spare.parameters())
+        torch.manual_seed(3)
+        for x, y in image_batches(3, seed=4):
+            y[0] = 8
+
+            def closure(index=None, x=x, y=y):
+                xs, ys = (x, y) if index is None else (x[index], y[index])
+                feats = model[:-1](xs)
+                return torch.nn.functional.cross_entropy(model[-1](feats) + spare(feats), ys, reduction="none")
+
+            opt.step(closure, y)
+        return (model, opt), spare, ran
+
+    (got, spare, ran), (want, ref_spare, _) = run(True), run(False)
+    _same_state(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(spare.parameters(), ref_spare.parameters()))
+    book = got[1]._book
+    assert ran["ascend"] == 6 and len(book._params) == len(list(got[0].parameters())) + 2
+    assert book._params is not got[1].param_groups[0]["params"]
+
+
 def test_the_books_methods_are_looked_up_once_not_at_every_step(counted_books):
     """A ParamBook method looked up on the TorchScript object costs a failed attribute lookup and a module
     import: the ExtBook looks each one up when it makes the book, and the steps call what it bound."""

@@ -99,9 +99,11 @@ class ExtBook:
         a parameter has no dense gradient or the book refused this layout."""
         if self._refused_at is not None and self._refused_at == buckets.generation:
             return False
-        params = list(_chain([g["params"] for g in groups]))
+        # One group's list is compared as it is (no list made a step); the book keeps a copy of it.
+        params = groups[0]["params"] if len(groups) == 1 else list(_chain([g["params"] for g in groups]))
         if self._book is None or len(params) != len(self._params) or not all(
                 map(operator.is_, params, self._params)):
+            params = list(params)
             self._book = _BoundBook(_new_book(params))
             self._params, self._settings, self._sgd_of = params, None, None
         if self._book.take() != len(params):
