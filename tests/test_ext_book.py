@@ -289,51 +289,45 @@ def test_a_refused_layout_falls_back_and_is_not_asked_again(counted_books):
     _same_state((model, opt), run(False))
 
 
-def test_a_new_param_group_rebuilds_the_book():
-    def run(book):
-        model, opt, ran = _run("fast", book=book, steps=3)
-        spare = torch.nn.Linear(8, 10)
-        opt.add_param_group({"params": list(spare.parameters()), "lr": 0.01})
-        torch.manual_seed(3)
-        for x, y in image_batches(3, seed=4):
-            y[0] = 8
+def _run_with_a_spare_layer(book, add, groups=True):
+    """:func:`_run` for 3 steps, then ``add(opt, spare)`` puts a spare linear head's parameters in, and 3 more
+    steps train both heads. Returns ``((model, opt), spare, ran)``."""
+    model, opt, ran = _run("fast", book=book, steps=3, groups=groups)
+    spare = torch.nn.Linear(8, 10)
+    add(opt, spare)
+    torch.manual_seed(3)
+    for x, y in image_batches(3, seed=4):
+        y[0] = 8
 
-            def closure(index=None, x=x, y=y):
-                xs, ys = (x, y) if index is None else (x[index], y[index])
-                feats = model[:-1](xs)
-                return torch.nn.functional.cross_entropy(model[-1](feats) + spare(feats), ys, reduction="none")
+        def closure(index=None, x=x, y=y):
+            xs, ys = (x, y) if index is None else (x[index], y[index])
+            feats = model[:-1](xs)
+            return torch.nn.functional.cross_entropy(model[-1](feats) + spare(feats), ys, reduction="none")
 
-            opt.step(closure, y)
-        return (model, opt), spare, ran
+        opt.step(closure, y)
+    return (model, opt), spare, ran
 
-    (got, spare, ran), (want, ref_spare, _) = run(True), run(False)
+
+def _the_spare_runs_agree(add, groups=True):
+    """The book's and the Python phases' runs of :func:`_run_with_a_spare_layer`, compared bit for bit; the
+    book's run, with its counts, is returned."""
+    (got, spare, ran), (want, ref_spare, _) = (_run_with_a_spare_layer(book, add, groups) for book in (True, False))
     _same_state(got, want)
     assert all(torch.equal(a, b) for a, b in zip(spare.parameters(), ref_spare.parameters()))
+    return got, ran
+
+
+def test_a_new_param_group_rebuilds_the_book():
+    got, ran = _the_spare_runs_agree(lambda opt, spare: opt.add_param_group({"params": list(spare.parameters()),
+                                                                            "lr": 0.01}))
     assert ran["ascend"] == 6 and len(got[1]._book._params) == len(list(got[0].parameters())) + 2
 
 
 def test_a_parameter_added_in_place_to_the_one_group_rebuilds_the_book():
     """The book compares a single group's list of parameters as it is, and keeps a copy: a parameter appended
     to that list in place is seen at the next step, and the trajectory is the Python phases'."""
-    def run(book):
-        model, opt, ran = _run("fast", book=book, steps=3, groups=False)
-        spare = torch.nn.Linear(8, 10)
-        opt.param_groups[0]["params"].extend(spare.parameters())
-        torch.manual_seed(3)
-        for x, y in image_batches(3, seed=4):
-            y[0] = 8
-
-            def closure(index=None, x=x, y=y):
-                xs, ys = (x, y) if index is None else (x[index], y[index])
-                feats = model[:-1](xs)
-                return torch.nn.functional.cross_entropy(model[-1](feats) + spare(feats), ys, reduction="none")
-
-            opt.step(closure, y)
-        return (model, opt), spare, ran
-
-    (got, spare, ran), (want, ref_spare, _) = run(True), run(False)
-    _same_state(got, want)
-    assert all(torch.equal(a, b) for a, b in zip(spare.parameters(), ref_spare.parameters()))
+    got, ran = _the_spare_runs_agree(lambda opt, spare: opt.param_groups[0]["params"].extend(spare.parameters()),
+                                     groups=False)
     book = got[1]._book
     assert ran["ascend"] == 6 and len(book._params) == len(list(got[0].parameters())) + 2
     assert book._params is not got[1].param_groups[0]["params"]
