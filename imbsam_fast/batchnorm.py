@@ -107,7 +107,7 @@ class BatchNormStats:
     def unpin_plan(self) -> None:
         """Back to reading the layers' modes at every context; the switching forwards removed."""
         self._pinning, self._pinned = False, None
-        if self._switch.installed and not self._switch.entered:
+        if self._switch.plan is not None and not self._switch.entered:
             self._switch.remove()
 
     def buffers(self) -> list[Tensor]:
@@ -183,17 +183,18 @@ class BatchNormStats:
 
     def _current_plan(self) -> _LayerPlan:
         """The plan the switching forwards were installed with while they are, else the pinned or current one."""
-        if self._switch.installed:
-            return self._switch.plan
+        installed = self._switch.plan
+        if installed is not None:
+            return installed
         return self._pinned if self._pinned is not None else self._layer_plan()
 
     def _enter(self, mode: int) -> tuple[int, bool]:
         """Set the switching forwards' ``mode``, installing them first where they are not; returns what
         :meth:`_leave` needs to undo it."""
         switch = self._switch
-        installed = not switch.installed
+        installed = switch.plan is None
         if installed:
-            switch.install(self._pinned if self._pinned is not None else self._layer_plan())
+            switch.install(self._current_plan())
         previous, switch.mode = switch.mode, mode
         switch.entered += 1
         return previous, installed
@@ -322,14 +323,14 @@ class _Switch:
     session).
     """
 
-    __slots__ = ("mode", "installed", "entered", "plan", "own")
+    __slots__ = ("mode", "entered", "plan", "own")
 
     def __init__(self) -> None:
         self.mode = _NORMAL
-        self.installed = False
         self.entered = 0
         """How many contexts are entered (the forwards stay while one is)."""
         self.plan: Optional[_LayerPlan] = None
+        """The plan the forwards are installed with; ``None`` while they are not."""
         self.own: dict[_BatchNorm, Any] = {}
         """The instance-level ``forward`` a layer had before :meth:`install` (most have none)."""
 
@@ -339,7 +340,7 @@ class _Switch:
         self.own = {} if saved.count(_MISSING) == len(saved) else {
             m: f for m, f in zip(plan.training, saved) if f is not _MISSING}
         _consume(map(operator.setitem, plan.dicts, names, plan.forwards))
-        self.plan, self.installed, self.mode = plan, True, _NORMAL
+        self.plan, self.mode = plan, _NORMAL
 
     def remove(self) -> None:
         plan, own = self.plan, self.own
@@ -349,7 +350,7 @@ class _Switch:
             for m, d in zip(plan.training, plan.dicts):
                 if m in own:
                     d["forward"] = own[m]
-        self.plan, self.own, self.installed, self.mode = None, {}, False, _NORMAL
+        self.plan, self.own, self.mode = None, {}, _NORMAL
 
 
 class _ModeContext:

@@ -135,11 +135,8 @@ class StepRun:
         losses, total = [], []
         for i, chunk in enumerate(chunks):
             with self.sync.forward_context(sync and i == len(chunks) - 1):
-                if forward_context is None:
+                with nullcontext() if forward_context is None else forward_context:
                     part = self.forward(chunk)
-                else:
-                    with forward_context:
-                        part = self.forward(chunk)
                 loss = self.loss(part, weights if chunk is None else weights[chunk])
                 if backward:
                     self.backward(loss, phase)
